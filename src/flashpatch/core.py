@@ -1,0 +1,156 @@
+"""The attention core that patched modules call: checks, backend choice, openpi's edge cases."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from flashpatch import backends, diagnostics, masks, selection
+from flashpatch.backends.base import Problem
+from flashpatch.backends.reference import reference_attention
+from flashpatch.settings import Settings
+
+#: The exact path taken in-graph when a mask turns out not to have the structure a backend needs.
+#: Blockwise, so choosing it costs no T x S memory in either branch of the conditional.
+STRUCTURE_FALLBACK = "xla"
+
+
+def check_inputs(q: jax.Array, k: jax.Array, v: jax.Array, attn_mask: jax.Array) -> None:
+    """Raise a clear error naming the argument that does not fit openpi's layout."""
+    if q.ndim != 4:
+        raise ValueError(f"q must be (B, T, N, H); got shape {q.shape}")
+    b, t, n, h = q.shape
+    for name, x in (("k", k), ("v", v)):
+        if x.ndim != 4 or x.shape[0] != b or x.shape[3] != h:
+            raise ValueError(f"{name} must be (B, S, K, H) = ({b}, S, K, {h}) to match q {q.shape}; got {x.shape}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape; got k {k.shape} and v {v.shape}")
+    if n % k.shape[2]:
+        raise ValueError(f"q's {n} heads must be a multiple of k's {k.shape[2]} heads")
+    expected = (b, 1, t, k.shape[1])
+    if tuple(attn_mask.shape) != expected:
+        raise ValueError(
+            f"attn_mask must have shape (B, 1, T, S) = {expected} for q {q.shape} and k {k.shape}; "
+            f"got {tuple(attn_mask.shape)}"
+        )
+    if attn_mask.dtype != jnp.bool_:
+        raise TypeError(f"attn_mask must be a bool array (True = may attend); got dtype {attn_mask.dtype}")
+
+
+def empty_row_value(v: jax.Array, probs_dtype, num_heads: int) -> jax.Array:
+    """What openpi gives a query row that attends nothing: (B, 1, N, H).
+
+    Its softmax over S equal `big_neg` logits is uniform, 1/S, cast to the probs dtype; the row is
+    then that weight times the sum of V over all S keys (padding and empty cache slots included).
+    """
+    s, kv_heads = v.shape[1], v.shape[2]
+    weight = jnp.asarray(1.0 / s, jnp.float32).astype(probs_dtype).astype(jnp.float32)
+    mean = jnp.sum(v.astype(jnp.float32), axis=1) * weight  # (B, K, H)
+    mean = jnp.repeat(mean, num_heads // kv_heads, axis=1)  # (B, N, H), query head n uses kv head n // G
+    return mean[:, None].astype(jnp.result_type(probs_dtype, v.dtype))
+
+
+def _platform() -> str:
+    return jax.default_backend()
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    attn_mask: jax.Array,
+    *,
+    probs_dtype=None,
+    settings: Settings | None = None,
+    site: str = "flashpatch.attention",
+) -> jax.Array:
+    """softmax(q k^T, masked) v with openpi's semantics, through the chosen backend.
+
+    q: (B, T, N, H), already scaled by head_dim**-0.5 as openpi does; k, v: (B, S, K, H);
+    attn_mask: (B, 1, T, S) bool. `probs_dtype` is the dtype openpi casts the softmax to (default:
+    q's dtype). Returns (B, T, N, H) in result_type(probs_dtype, v.dtype), as openpi does.
+    """
+    check_inputs(q, k, v, attn_mask)
+    settings = settings or Settings()
+    probs_dtype = jnp.dtype(probs_dtype if probs_dtype is not None else q.dtype)
+    problem = Problem.of(q, k, v, probs_dtype, _platform())
+    choice = selection.choose(settings.backend, problem)
+    if choice.fallback:
+        diagnostics.warn_once(("fallback", site, settings.backend, problem), f"{site}: {choice.reason}")
+    diagnostics.info_once(("backend", site, choice.backend), f"{site} -> {choice.backend} ({choice.reason})")
+
+    mask = attn_mask[:, 0]
+    if choice.backend == "reference":
+        out = reference_attention(q, k, v, mask, probs_dtype)
+    else:
+        out = _flash(q, k, v, mask, backends.get(choice.backend), problem)
+
+    if settings.verify:
+        _report_difference(site, choice.backend, out, reference_attention(q, k, v, mask, probs_dtype))
+    return out
+
+
+def _flash(q, k, v, mask, backend, problem: Problem) -> jax.Array:
+    if backend.any_mask:
+        has_keys = jnp.any(mask, axis=-1)
+        out = backend.attend(q, k, v, mask, None, problem)
+    else:
+        plan = masks.analyze(mask)
+        has_keys = plan.rank > 0
+        fallback = backends.get(STRUCTURE_FALLBACK)
+        out = lax.cond(
+            plan.exact,
+            lambda: backend.attend(q, k, v, mask, plan, problem),
+            lambda: _warned_fallback(backend.name, fallback.attend(q, k, v, mask, None, problem)),
+        )
+    fill = empty_row_value(v, problem.probs_dtype, problem.num_heads)
+    return jnp.where(has_keys[:, :, None, None], out, fill)
+
+
+def _warned_fallback(backend_name: str, out: jax.Array) -> jax.Array:
+    def say() -> None:
+        diagnostics.warn_once(
+            ("structure", backend_name),
+            f"a mask is not block-causal (openpi's structure), so {backend_name} cannot compute it; "
+            f"the exact {STRUCTURE_FALLBACK} path ran for it",
+        )
+
+    jax.debug.callback(say)
+    return out
+
+
+def _report_difference(site: str, backend_name: str, out: jax.Array, ref: jax.Array) -> None:
+    diff = (out.astype(jnp.float32) - ref.astype(jnp.float32)).ravel()
+    ref32 = ref.astype(jnp.float32).ravel()
+    rel = jnp.linalg.norm(diff) / jnp.maximum(jnp.linalg.norm(ref32), jnp.finfo(jnp.float32).tiny)
+    worst = jnp.max(jnp.abs(diff))
+
+    def say(rel_err, max_abs) -> None:
+        verify_log.record(site, backend_name, float(rel_err), float(max_abs))
+
+    jax.debug.callback(say, rel, worst)
+
+
+class _VerifyLog:
+    """Largest difference seen per (site, backend); reported once, then whenever it grows."""
+
+    def __init__(self) -> None:
+        self.worst: dict[tuple[str, str], tuple[float, float]] = {}
+
+    def record(self, site: str, backend_name: str, rel_err: float, max_abs: float) -> None:
+        key = (site, backend_name)
+        previous = self.worst.get(key)
+        if previous is None or rel_err > previous[0]:
+            self.worst[key] = (rel_err, max_abs)
+            diagnostics.logger.warning(
+                "flashpatch verify: %s via %s differs from the original by rel.err %.3g (max abs %.3g)%s",
+                site,
+                backend_name,
+                rel_err,
+                max_abs,
+                "" if previous is None else " (new largest)",
+            )
+
+
+verify_log = _VerifyLog()

@@ -1,0 +1,36 @@
+"""pytest plugin: `pytest --flashpatch [--flashpatch-backend NAME]` runs the whole session patched."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("flashpatch")
+    group.addoption(
+        "--flashpatch",
+        action="store_true",
+        default=False,
+        help="run every test with openpi's attention patched by flashpatch (process-wide)",
+    )
+    group.addoption(
+        "--flashpatch-backend",
+        default="auto",
+        metavar="NAME",
+        help="backend for --flashpatch: auto (default), reference, xla, kvax, cudnn",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not config.getoption("flashpatch"):
+        return
+    import flashpatch
+
+    flashpatch.install(backend=config.getoption("flashpatch_backend"))
+    config.add_cleanup(flashpatch.uninstall)
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    if not config.getoption("flashpatch"):
+        return None
+    return f"flashpatch: installed process-wide, backend={config.getoption('flashpatch_backend')}"

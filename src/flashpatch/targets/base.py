@@ -1,0 +1,79 @@
+"""What flashpatch knows about one attention class it replaces, and how it checks that knowledge."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import sys
+import types
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+#: The attention core a target calls in place of openpi's einsums: core(q, k, v, attn_mask, probs_dtype).
+Core = Callable[..., Any]
+
+
+class Adapter:
+    """Knows one openpi attention class: its call signature, fields, helpers, and the replacement.
+
+    The replacement computes exactly what the original computes around the attention core
+    (projections, RoPE, scaling, KV cache, output projection), through the original's own
+    submodules and helpers, so that parameters and checkpoints stay the same.
+    """
+
+    kind: ClassVar[str]
+    call_parameters: ClassVar[tuple[str, ...]]
+    fields: ClassVar[tuple[str, ...]]
+    methods: ClassVar[tuple[str, ...]] = ()
+    helpers: ClassVar[tuple[str, ...]] = ()
+
+    def drift(self, cls: type) -> str | None:
+        """Why `cls` no longer looks like what this adapter was written for, or None."""
+        try:
+            params = tuple(inspect.signature(cls.__call__).parameters)
+        except (TypeError, ValueError) as err:
+            return f"cannot read the signature of {cls.__qualname__}.__call__ ({err})"
+        if params != self.call_parameters:
+            return f"__call__{params} is not __call__{self.call_parameters}"
+        names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+        missing = [f for f in self.fields if f not in names]
+        if missing:
+            return f"fields {missing} are missing"
+        missing = [m for m in self.methods if not callable(getattr(cls, m, None))]
+        if missing:
+            return f"methods {missing} are missing"
+        home = defining_module(cls)
+        missing = [h for h in self.helpers if _lookup(home, h) is None]
+        if missing:
+            return f"module {home.__name__} lacks {missing}"
+        return None
+
+    def forward(self, module: Any, call: dict[str, Any], core: Core) -> Any:
+        """The original `__call__`'s result, with `core` computing the attention."""
+        raise NotImplementedError
+
+
+def defining_module(cls: type) -> types.ModuleType:
+    return sys.modules[cls.__module__]
+
+
+def _lookup(module: types.ModuleType, dotted: str) -> Any:
+    obj: Any = module
+    for part in dotted.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """An attention class to patch: where it lives and which adapter knows it."""
+
+    module: str
+    cls_name: str
+    adapter: Adapter
+
+    @property
+    def site(self) -> str:
+        return f"{self.module}.{self.cls_name}"
