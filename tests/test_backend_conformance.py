@@ -27,7 +27,9 @@ def _runs_here(name: str) -> bool:
     return jax.default_backend() in backend.platforms
 
 
-BACKENDS = [pytest.param(name, marks=() if name in ("reference", "xla") else pytest.mark.gpu) for name in backends.names()]
+BACKENDS = [
+    pytest.param(name, marks=() if name in ("reference", "xla") else pytest.mark.gpu) for name in backends.names()
+]
 
 
 def _reference(q, k, v, mask, probs_dtype):
