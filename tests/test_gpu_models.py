@@ -23,7 +23,14 @@ from flashpatch.testing import gemma, gemma_fast, layouts
 
 pytestmark = pytest.mark.gpu
 GPU_BACKENDS = [n for n in backends.names() if n not in ("reference",)]
-TOL = 2e-2  # bf16 model against a float32 original; openpi's own bf16 path lands near 5e-3
+
+
+#: A bf16 model is compared with the same model in float32. The original bf16 path is itself some
+#: way off (measured per test and recorded); the patched one may not be much further off than that.
+def _within_bf16(err: float, original_err: float) -> bool:
+    return err <= 1.25 * original_err + 2e-3
+
+
 _results: list[dict] = []
 
 
@@ -66,16 +73,17 @@ def test_pi0_stack_matches_original(backend: str, length: int) -> None:
     params = _perturb(nn.Module.init(ref_model, keys[2], [prefix, actions], positions, mask), keys[2])
 
     def loss(model):
-        def f(params, prefix, actions):
+        def f(params, prefix, actions, positions, mask):
             (a, b), _ = model.apply(params, [prefix, actions], positions, mask)
             return jnp.sum(a.astype(jnp.float32) ** 2) + jnp.sum(b.astype(jnp.float32) ** 2), (a, b)
 
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))
 
-    (_, ref_out), ref_grads = loss(ref_model)(params, prefix, actions)
-    (_, plain_out), plain_grads = loss(model)(params, prefix, actions)
+    args = (params, prefix, actions, positions, mask)
+    (_, ref_out), ref_grads = loss(ref_model)(*args)
+    (_, plain_out), plain_grads = loss(model)(*args)
     with flashpatch.enable(backend):
-        (_, out), grads = loss(model)(params, prefix, actions)
+        (_, out), grads = loss(model)(*args)
     assert_finite((out, grads), f"{backend} T={length}")
     entry = {
         "test": "pi0_stack",
@@ -87,7 +95,8 @@ def test_pi0_stack_matches_original(backend: str, length: int) -> None:
         "original_bf16_grads": tree_rel_err(plain_grads, ref_grads),
     }
     _record(**entry)
-    assert entry["fwd"] < TOL and entry["grads"] < TOL, entry
+    assert _within_bf16(entry["fwd"], entry["original_bf16_fwd"]), entry
+    assert _within_bf16(entry["grads"], entry["original_bf16_grads"]), entry
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -105,7 +114,7 @@ def test_pi0_fast_prefill_and_decode(backend: str) -> None:
     embedded = jax.random.normal(jax.random.PRNGKey(0), (batch, prefix_len, width))
     params = _perturb(nn.Module.init(ref_model, jax.random.PRNGKey(1), embedded_prefix=embedded), jax.random.PRNGKey(2))
 
-    def decode(model, params):
+    def decode(model, params, embedded, positions, prefix_mask):
         logits, kv = model.apply(params, embedded_prefix=embedded, positions=positions, mask=prefix_mask, decode=True)
         outs = [logits[:, -1]]
         last = jnp.asarray(layout.valid).sum(-1)
@@ -118,10 +127,17 @@ def test_pi0_fast_prefill_and_decode(backend: str) -> None:
             outs.append(logits[:, -1])
         return jnp.stack(outs, 1)
 
-    ref = jax.jit(decode, static_argnums=0)(ref_model, params)
+    args = (params, embedded, positions, prefix_mask)
+    run = jax.jit(decode, static_argnums=0)
+    ref, plain = run(ref_model, *args), run(model, *args)
     with flashpatch.enable(backend):
-        out = jax.jit(decode, static_argnums=0)(model, params)
+        out = run(model, *args)
     assert_finite(out, backend)
-    entry = {"test": "pi0_fast_decode", "backend": backend, "logits": tree_rel_err(out, ref)}
+    entry = {
+        "test": "pi0_fast_decode",
+        "backend": backend,
+        "logits": tree_rel_err(out, ref),
+        "original_bf16_logits": tree_rel_err(plain, ref),
+    }
     _record(**entry)
-    assert entry["logits"] < TOL, entry
+    assert _within_bf16(entry["logits"], entry["original_bf16_logits"]), entry

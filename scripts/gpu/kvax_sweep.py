@@ -64,14 +64,15 @@ BWD_CANDIDATES = [
 ]
 
 
-def attention_fn(backend: str, mask, tuning: Tuning | None = None):
+def attention_fn(backend: str, tuning: Tuning | None = None):
+    """fn(q, k, v, mask) for one variant; the mask is an argument so XLA cannot constant-fold its analysis."""
     if backend == "cudnn-dense":
-        return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0, implementation="cudnn")
+        return lambda q, k, v, mask: jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0, implementation="cudnn")
     if backend == "kvax" and tuning is not None:
         impl = kvax_backend.KvaxBackend(tuning)
         from flashpatch import backends
 
-        def run(q, k, v):
+        def run(q, k, v, mask):
             saved = backends._instances.get("kvax")
             backends._instances["kvax"] = impl
             try:
@@ -83,12 +84,12 @@ def attention_fn(backend: str, mask, tuning: Tuning | None = None):
                     backends._instances["kvax"] = saved
 
         return run
-    return lambda q, k, v: flashpatch.attention(q, k, v, mask, settings=flashpatch.Settings(backend=backend))
+    return lambda q, k, v, mask: flashpatch.attention(q, k, v, mask, settings=flashpatch.Settings(backend=backend))
 
 
 def fwd_bwd(fn, cot):
-    def loss(q, k, v):
-        return jnp.sum(fn(q, k, v).astype(jnp.float32) * cot)
+    def loss(q, k, v, mask):
+        return jnp.sum(fn(q, k, v, mask).astype(jnp.float32) * cot)
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
@@ -98,6 +99,8 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--budget", type=float, default=480.0, help="seconds; later sections are cut short")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--backends", default="reference,xla,cudnn-dense,kvax", help="comma-separated variants")
+    parser.add_argument("--sections", default="correct,time,sweep,short,overhead")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script on CPU")
     args = parser.parse_args()
     start = time.time()
@@ -121,24 +124,26 @@ def main() -> None:
         report["import"] = {"ok": False, "error": repr(err)}
     log("import", report["import"])
     save()
-    backends = ["reference", "xla", "cudnn-dense"] + (["kvax"] if report["import"].get("ok") else [])
+    wanted = args.backends.split(",")
+    backends = [b for b in wanted if b != "kvax" or report["import"].get("ok")]
+    sections = set(args.sections.split(","))
 
     # correctness at openpi shapes
-    for batch, length in shapes["correct"]:
+    for batch, length in shapes["correct"] if "correct" in sections else []:
         mask = jnp.asarray(openpi_mask(batch, length))[:, None]
         q, k, v = qkv(batch, length, length, seed=length)
         cot = jax.random.normal(jax.random.PRNGKey(1), q.shape, jnp.float32)
         f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-        ref_fn = lambda q, k, v: reference_attention(f32(q), f32(k), f32(v), mask[:, 0], jnp.float32)  # noqa: E731
-        _, ref_grads = fwd_bwd(ref_fn, cot)(q, k, v)
-        ref_out = jax.jit(ref_fn)(q, k, v)
+        ref_fn = lambda q, k, v, mask: reference_attention(f32(q), f32(k), f32(v), mask[:, 0], jnp.float32)  # noqa: E731
+        _, ref_grads = fwd_bwd(ref_fn, cot)(q, k, v, mask)
+        ref_out = jax.jit(ref_fn)(q, k, v, mask)
         rows = jnp.any(mask[:, 0], -1)[:, :, None, None]
         for backend in backends:
             entry = {"batch": batch, "len": length, "backend": backend}
             try:
-                fn = attention_fn(backend, mask)
-                out = jax.jit(fn)(q, k, v)
-                _, grads = fwd_bwd(fn, cot)(q, k, v)
+                fn = attention_fn(backend)
+                out = jax.jit(fn)(q, k, v, mask)
+                _, grads = fwd_bwd(fn, cot)(q, k, v, mask)
                 entry.update(
                     fwd=rel_err(out, ref_out),
                     fwd_valid_rows=rel_err(jnp.where(rows, out, 0), jnp.where(rows, ref_out, 0)),
@@ -152,17 +157,17 @@ def main() -> None:
             save()
 
     # timings, forward and forward+backward
-    for batch, length in shapes["time"]:
+    for batch, length in shapes["time"] if "time" in sections else []:
         if over():
             break
         mask = jnp.asarray(openpi_mask(batch, length))[:, None]
-        sets = [qkv(batch, length, length, seed=s) for s in (0, 1)]
+        sets = [(*qkv(batch, length, length, seed=s), mask) for s in (0, 1)]
         cot = jax.random.normal(jax.random.PRNGKey(2), sets[0][0].shape, jnp.float32)
         base = {}
         for backend in backends:
             entry = {"batch": batch, "len": length, "backend": backend}
             try:
-                fn = attention_fn(backend, mask)
+                fn = attention_fn(backend)
                 entry["fwd_ms"] = median_ms(jax.jit(fn), sets, args.repeats)
                 entry["fwdbwd_ms"] = median_ms(fwd_bwd(fn, cot), sets, args.repeats)
                 if backend == "reference":
@@ -176,17 +181,17 @@ def main() -> None:
             save()
 
     # block sweep
-    if report["import"].get("ok"):
+    if report["import"].get("ok") and "sweep" in sections:
         for batch, length in shapes["sweep"]:
             mask = jnp.asarray(openpi_mask(batch, length))[:, None]
-            sets = [qkv(batch, length, length, seed=s) for s in (0, 1)]
+            sets = [(*qkv(batch, length, length, seed=s), mask) for s in (0, 1)]
             cot = jax.random.normal(jax.random.PRNGKey(2), sets[0][0].shape, jnp.float32)
             for fwd in FWD_CANDIDATES:
                 if over():
                     break
                 entry = {"batch": batch, "len": length, "fwd": str(fwd)}
                 try:
-                    fn = attention_fn("kvax", mask, Tuning(1 << 30, fwd, BWD_CANDIDATES[0]))
+                    fn = attention_fn("kvax", Tuning(1 << 30, fwd, BWD_CANDIDATES[0]))
                     entry["fwd_ms"] = median_ms(jax.jit(fn), sets, args.repeats)
                 except Exception as err:
                     entry["error"] = f"{type(err).__name__}: {str(err)[-300:]}"
@@ -204,7 +209,7 @@ def main() -> None:
                     break
                 entry = {"batch": batch, "len": length, "fwd": str(chosen_fwd), "bwd": str(bwd)}
                 try:
-                    fn = attention_fn("kvax", mask, Tuning(1 << 30, chosen_fwd, bwd))
+                    fn = attention_fn("kvax", Tuning(1 << 30, chosen_fwd, bwd))
                     entry["fwdbwd_ms"] = median_ms(fwd_bwd(fn, cot), sets, args.repeats)
                 except Exception as err:
                     entry["error"] = f"{type(err).__name__}: {str(err)[-300:]}"
@@ -213,7 +218,7 @@ def main() -> None:
                 save()
 
     # short queries: pi0 sample_actions and pi0-FAST decode
-    for batch, t, s in shapes["short"]:
+    for batch, t, s in shapes["short"] if "short" in sections else []:
         if over():
             break
         if t > 1:  # pi0 sample_actions: suffix rows over the valid prefix keys and their own block-causal mask
@@ -222,13 +227,13 @@ def main() -> None:
         else:  # pi0-FAST decode: one query over the filled cache slots of a fixed-size cache
             mask = (np.arange(s)[None, None, :] <= s // 2).repeat(batch, 0)
         mask = jnp.asarray(mask)[:, None]
-        sets = [qkv(batch, t, mask.shape[-1], seed=i) for i in (0, 1)]
+        sets = [(*qkv(batch, t, mask.shape[-1], seed=i), mask) for i in (0, 1)]
         base = None
         for backend in backends:
             entry = {"batch": batch, "q_len": t, "kv_len": mask.shape[-1], "backend": backend}
             try:
-                fn = jax.jit(attention_fn(backend, mask))
-                ref = reference_attention(*(x.astype(jnp.float32) for x in sets[0]), mask[:, 0], jnp.float32)
+                fn = jax.jit(attention_fn(backend))
+                ref = reference_attention(*(x.astype(jnp.float32) for x in sets[0][:3]), mask[:, 0], jnp.float32)
                 entry["fwd"] = rel_err(fn(*sets[0]), ref)
                 entry["fwd_ms"] = median_ms(fn, sets, args.repeats * 2)
                 base = base or entry["fwd_ms"]
@@ -240,17 +245,17 @@ def main() -> None:
             save()
 
     # per-call overhead of the layout work (analysis, sort, block masks) against the bare kernel
-    if report["import"].get("ok") and not over():
+    if report["import"].get("ok") and "overhead" in sections and not over():
         for batch, length in shapes["overhead"]:
             mask = jnp.asarray(openpi_mask(batch, length))[:, None]
-            sets = [qkv(batch, length, length, seed=s) for s in (0, 1)]
+            sets = [(*qkv(batch, length, length, seed=s), mask) for s in (0, 1)]
             plan = masks.analyze(mask[:, 0])
             tuning = kvax_tuning.choose(256, length)
             q_order, k_order, q_pos, k_pos = kvax_backend.causal_layout(plan)
             g = kvax_backend._gather
-            sorted_sets = [(g(q, q_order), g(k, k_order), g(v, k_order)) for q, k, v in sets]
+            sorted_sets = [(g(q, q_order), g(k, k_order), g(v, k_order)) for q, k, v, _ in sets]
             bare = jax.jit(lambda q, k, v: kvax_backend._kvax_causal(q, k, v, q_pos, k_pos, tuning))
-            full = jax.jit(attention_fn("kvax", mask))
+            full = jax.jit(attention_fn("kvax"))
             entry = {
                 "batch": batch,
                 "len": length,

@@ -24,14 +24,12 @@ def active_mesh() -> jax.sharding.Mesh | None:
         mesh = getattr(state, "active_mesh", None)
         if mesh is not None:
             return mesh
-    get_mesh = getattr(jax.sharding, "get_mesh", None)
-    if get_mesh is not None:
-        mesh = get_mesh()
-        if _has_devices(mesh):
-            return mesh
-    from jax._src import mesh as mesh_lib
+    from jax._src import mesh as mesh_lib  # JAX has no public getter that works inside jit
 
-    mesh = mesh_lib.thread_resources.env.physical_mesh
+    concrete = getattr(mesh_lib, "get_concrete_mesh", None)  # jax.set_mesh / use_mesh
+    if concrete is not None and _has_devices(mesh := concrete()):
+        return mesh
+    mesh = mesh_lib.thread_resources.env.physical_mesh  # `with mesh:`
     return mesh if _has_devices(mesh) else None
 
 
