@@ -101,6 +101,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--backends", default="reference,xla,cudnn-dense,kvax", help="comma-separated variants")
     parser.add_argument("--sections", default="correct,time,sweep,short,overhead")
+    parser.add_argument("--tag", default="", help="suffix of the JSON file name")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script on CPU")
     args = parser.parse_args()
     start = time.time()
@@ -115,7 +116,7 @@ def main() -> None:
         "short": [],
         "overhead": [],
     }
-    save = lambda: write(args.out, "kvax_sweep.json", report)  # noqa: E731
+    save = lambda: write(args.out, f"kvax_sweep{args.tag}.json", report)  # noqa: E731
 
     try:
         lib = kvax_compat.load()
