@@ -27,12 +27,15 @@ class Tuning:
     backward: Blocks
 
 
-#: head_dim -> rows ordered by max_len. Filled from the H100 sweep; kvax's own H100 defaults
-#: (128x128 forward, 64x128 backward, 8 warps, 3 stages) were 1.9x slower forward at head_dim 256.
+#: head_dim -> rows ordered by max_len. Forward: the best of 5 candidates through flashpatch at
+#: B=2, T=S=4096 (benchmarks/results/h100-2026-11-25-call2: 128x64w8s3 1.75 ms; 128x64w8s2 1.92;
+#: kvax's own H100 default 128x128w8s3 3.82; 64x64w4s2 4.34; 128x32w4s2 5.31). Backward at 4096:
+#: 64x128w8s2 13.5 ms fwd+bwd vs 32x32w4s2 13.7 (the sweep ran out of time after two); at <= 2048,
+#: 32x32w4s2 was the best of five in the 2026-11-24 probe at B=8, T=1024 (../shared/probes/README.md).
 TABLE: dict[int, tuple[Tuning, ...]] = {
     256: (
-        Tuning(2048, Blocks(128, 64, 8, 2), Blocks(32, 32, 4, 2)),
-        Tuning(1 << 30, Blocks(128, 64, 8, 2), Blocks(64, 128, 8, 2)),
+        Tuning(2048, Blocks(128, 64, 8, 3), Blocks(32, 32, 4, 2)),
+        Tuning(1 << 30, Blocks(128, 64, 8, 3), Blocks(64, 128, 8, 2)),
     ),
 }
 DEFAULT = Tuning(1 << 30, Blocks(128, 64, 8, 2), Blocks(64, 64, 4, 2))
