@@ -11,6 +11,7 @@ from flashpatch.backends.base import Backend, Problem
 _FACTORIES = {
     "reference": "flashpatch.backends.reference:ReferenceBackend",
     "xla": "flashpatch.backends.xla:XlaBackend",
+    "cudnn": "flashpatch.backends.cudnn:CudnnBackend",
 }
 _instances: dict[str, Backend] = {}
 _lock = threading.Lock()
