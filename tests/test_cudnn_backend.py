@@ -99,6 +99,37 @@ def test_jax_refusal_is_a_reason(fake_gpu, monkeypatch) -> None:
     assert cudnn.CudnnBackend().unsupported(_problem()) == "JAX's cuDNN attention refuses it"
 
 
+@pytest.fixture
+def jax_sees_cudnn(monkeypatch):
+    """Let JAX trace its cuDNN attention on CPU (nothing is compiled): it reads cuDNN 9.8.0."""
+    from jax._src.cudnn import fused_attention_stablehlo
+
+    monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 90800)
+    cudnn.jax_rejects.cache_clear()
+    yield
+    cudnn.jax_rejects.cache_clear()
+
+
+@pytest.mark.parametrize("use_seq_lengths", [True, False], ids=["lengths", "dense"])
+def test_jax_accepts_odd_lengths_under_grad(jax_sees_cudnn, use_seq_lengths: bool) -> None:
+    """JAX refuses odd T or S under differentiation; the backend's even padding gets past that."""
+    problem = _problem(head_dim=128, q_len=51, kv_len=867)
+    assert cudnn.jax_rejects(problem, use_seq_lengths) is None
+    q = jax.ShapeDtypeStruct((2, 51, 8, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 867, 1, 128), jnp.bfloat16)
+
+    def raw(q, k, v):
+        return jnp.sum(jax.nn.dot_product_attention(q, k, v, scale=1.0, implementation="cudnn").astype(jnp.float32))
+
+    with pytest.raises(NotImplementedError, match="sequence length"):
+        jax.eval_shape(jax.grad(raw, argnums=(0, 1, 2)), q, kv, kv)
+
+
+def test_jax_refusal_is_reported(jax_sees_cudnn) -> None:
+    reason = cudnn.jax_rejects(_problem(head_dim=264))
+    assert reason is not None and reason.startswith("JAX's cuDNN attention refuses it") and "264" in reason
+
+
 def _padding_right(q_lens, kv_lens, t: int, s: int) -> np.ndarray:
     rows = np.arange(t)[None, :, None] < np.asarray(q_lens)[:, None, None]
     cols = np.arange(s)[None, None, :] < np.asarray(kv_lens)[:, None, None]
