@@ -46,8 +46,10 @@ HALF_DTYPES = ("bfloat16", "float16")
 
 def cudnn_version() -> int | None:
     """The cuDNN JAX has loaded, as cuDNN numbers it (90501 for 9.5.1, 8904 for 8.9.4); None without one."""
-    from jax._src.lib import cuda_versions  # JAX's own source for it, present from 0.5 on
-
+    try:
+        from jax._src.lib import cuda_versions  # where JAX's own cuDNN attention reads it (0.5 to 0.10 at least)
+    except ImportError:
+        return None
     return None if cuda_versions is None else int(cuda_versions.cudnn_get_version())
 
 
@@ -77,7 +79,7 @@ def shape_limits(problem: Problem) -> str | None:
     if h % HEAD_DIM_MULTIPLE or h > MAX_HEAD_DIM_HOPPER:
         return f"the head dim must be a multiple of {HEAD_DIM_MULTIPLE} and at most {MAX_HEAD_DIM_HOPPER}; got {h}"
     if problem.kv_len == 1:
-        return "cuDNN has no backward pass for a single key (kv length 1)"
+        return "cuDNN is reported to have no backward pass for a single key (kv length 1)"
     return None
 
 
@@ -86,7 +88,7 @@ def hardware_limits(head_dim: int, version: int | None, capability: tuple[int, i
     if capability is None:
         return "cuDNN needs an NVIDIA GPU under CUDA"
     if version is None:
-        return "JAX has no cuDNN loaded"
+        return "JAX reports no cuDNN (jax._src.lib.cuda_versions is missing or empty)"
     gpu = f"compute capability {capability[0]}.{capability[1]}"
     if capability < MIN_CAPABILITY:
         least = f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}"
