@@ -292,10 +292,10 @@ OPENPI_HEADS = dict(num_heads=8, num_kv_heads=1, head_dim=256)
 def test_cudnn_matches_openpi_on_gpu(monkeypatch, case: str, use_seq_lengths: bool) -> None:
     monkeypatch.setitem(backends._instances, "cudnn", cudnn.CudnnBackend(use_seq_lengths))
     base = OPENPI_CASES[case]
-    structured = Case(base.name, base.mask, **OPENPI_HEADS, structured=base.structured)
-    problem = Problem.of(*structured.arrays(jnp.bfloat16)[:3], jnp.bfloat16, "gpu")
+    openpi_case = Case(base.name, base.mask, **OPENPI_HEADS, structured=base.structured)
+    problem = Problem.of(*openpi_case.arrays(jnp.bfloat16)[:3], jnp.bfloat16, "gpu")
     assert backends.get("cudnn").unsupported(problem) is None
-    _check_no_fallback(structured, "bfloat16")
+    _check_no_fallback(openpi_case, "bfloat16")
 
 
 @pytest.mark.gpu
@@ -306,12 +306,14 @@ def test_cudnn_float32_query_over_bf16_cache() -> None:
     k, v = k.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
     settings = flashpatch.Settings(backend="cudnn")
     run = jax.jit(lambda q, k, v: flashpatch.attention(q, k, v, mask, settings=settings))
+    cot = jax.random.normal(jax.random.PRNGKey(7), q.shape, jnp.float32)
+    loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * cot)  # noqa: E731
     with warnings.catch_warnings():
         warnings.simplefilter("error", FlashpatchWarning)
         out = run(q, k, v)
-        grads = jax.grad(lambda q, k, v: jnp.sum(run(q, k, v)), argnums=(0, 1, 2))(q, k, v)
+        grads = jax.jit(jax.grad(loss(run), argnums=(0, 1, 2)))(q, k, v)
     ref = _reference(q, k, v, mask, jnp.float32)
-    want = jax.grad(lambda q, k, v: jnp.sum(_reference(q, k, v, mask, jnp.float32)), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(loss(lambda q, k, v: _reference(q, k, v, mask, jnp.float32)), argnums=(0, 1, 2))(q, k, v)
     assert out.dtype == jnp.float32
     assert_finite((out, grads))
     assert rel_err(out, ref) < TOL["bfloat16"]
