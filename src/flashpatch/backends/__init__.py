@@ -12,6 +12,7 @@ _FACTORIES = {
     "reference": "flashpatch.backends.reference:ReferenceBackend",
     "xla": "flashpatch.backends.xla:XlaBackend",
     "kvax": "flashpatch.backends.kvax:KvaxBackend",
+    "cudnn": "flashpatch.backends.cudnn:CudnnBackend",
 }
 _instances: dict[str, Backend] = {}
 _lock = threading.Lock()
