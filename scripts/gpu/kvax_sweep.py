@@ -102,10 +102,13 @@ def main() -> None:
     parser.add_argument("--backends", default="reference,xla,cudnn-dense,kvax", help="comma-separated variants")
     parser.add_argument("--sections", default="correct,time,sweep,short,overhead")
     parser.add_argument("--tag", default="", help="suffix of the JSON file name")
+    parser.add_argument("--time-shapes", default="", help="override, e.g. 2x1024,2x4096 (batch x length)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script on CPU")
     args = parser.parse_args()
     start = time.time()
-    shapes = SMOKE_SHAPES if args.smoke else SHAPES
+    shapes = dict(SMOKE_SHAPES if args.smoke else SHAPES)
+    if args.time_shapes:
+        shapes["time"] = [tuple(int(n) for n in item.split("x")) for item in args.time_shapes.split(",")]
     over = lambda: time.time() - start > args.budget  # noqa: E731
     report = {
         "env": environment(" ".join(sys.argv)),
