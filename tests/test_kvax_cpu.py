@@ -21,6 +21,8 @@ from flashpatch.backends.reference import reference_attention
 
 def _causal_by_positions(q, k, v, q_pos, k_pos, tuning):
     """What kvax computes for one segment: query i attends key j iff k_pos[j] <= q_pos[i]."""
+    block = max(tuning.forward.query, tuning.forward.kv, tuning.backward.query, tuning.backward.kv)
+    assert q.shape[1] % block == 0 and k.shape[1] % block == 0, "kvax's backward needs block-multiple lengths"
     allowed = k_pos[:, None, :] <= q_pos[:, :, None]
     return reference_attention(q, k, v, allowed, q.dtype)
 

@@ -75,8 +75,28 @@ def _gather(x: jax.Array, order: jax.Array) -> jax.Array:
 
 def sorted_causal_attention(q, k, v, plan: MaskPlan, tuning: kvax_tuning.Tuning) -> jax.Array:
     q_order, k_order, q_pos, k_pos = causal_layout(plan)
-    out = _kvax_causal(_gather(q, q_order), _gather(k, k_order), _gather(v, k_order), q_pos, k_pos, tuning)
+    q_len, kv_len = q.shape[1], k.shape[1]
+    # kvax 0.1.0's backward asserts lengths that are multiples of its block sizes (its forward pads,
+    # its backward does not): pad both, with positions past every real one (padded queries attend
+    # everything and stay finite; no real row reaches a padded key), and cut the padding off after.
+    block = max(tuning.forward.query, tuning.forward.kv, tuning.backward.query, tuning.backward.kv)
+    beyond = kv_len + 2
+    q_sorted, q_pos = _pad(_gather(q, q_order), q_pos, block, beyond)
+    k_sorted, k_pos = _pad(_gather(k, k_order), k_pos, block, beyond)
+    v_sorted, _ = _pad(_gather(v, k_order), k_pos, block, beyond)
+    out = _kvax_causal(q_sorted, k_sorted, v_sorted, q_pos, k_pos, tuning)[:, :q_len]
     return _gather(out, jnp.argsort(q_order, axis=-1))
+
+
+def _pad(x: jax.Array, pos: jax.Array, block: int, fill: int) -> tuple[jax.Array, jax.Array]:
+    """Pad the sequence axis of x (B, L, H, D) with zeros, and pos (B, L') with `fill`, to a multiple of block."""
+    extra = -x.shape[1] % block
+    if extra:
+        x = jnp.pad(x, ((0, 0), (0, extra), (0, 0), (0, 0)))
+    extra_pos = x.shape[1] - pos.shape[1]
+    if extra_pos:
+        pos = jnp.pad(pos, ((0, 0), (0, extra_pos)), constant_values=fill)
+    return x, pos
 
 
 def _kvax_causal(q, k, v, q_pos, k_pos, tuning: kvax_tuning.Tuning) -> jax.Array:
