@@ -114,6 +114,9 @@ def test_pi0_fast_prefill_and_decode(backend: str) -> None:
     embedded = jax.random.normal(jax.random.PRNGKey(0), (batch, prefix_len, width))
     params = _perturb(nn.Module.init(ref_model, jax.random.PRNGKey(1), embedded_prefix=embedded), jax.random.PRNGKey(2))
 
+    def decoder(model):
+        return jax.jit(lambda *args: decode(model, *args))
+
     def decode(model, params, embedded, positions, prefix_mask):
         logits, kv = model.apply(params, embedded_prefix=embedded, positions=positions, mask=prefix_mask, decode=True)
         outs = [logits[:, -1]]
@@ -128,10 +131,9 @@ def test_pi0_fast_prefill_and_decode(backend: str) -> None:
         return jnp.stack(outs, 1)
 
     args = (params, embedded, positions, prefix_mask)
-    run = jax.jit(decode, static_argnums=0)
-    ref, plain = run(ref_model, *args), run(model, *args)
+    ref, plain = decoder(ref_model)(*args), decoder(model)(*args)
     with flashpatch.enable(backend):
-        out = run(model, *args)
+        out = decoder(model)(*args)
     assert_finite(out, backend)
     entry = {
         "test": "pi0_fast_decode",
