@@ -136,7 +136,9 @@ def _linen_modules(model: Any) -> Iterator[nn.Module]:
         from flax import nnx
     except ImportError:  # pragma: no cover - flax without nnx
         return
-    if not isinstance(model, nnx.Object if hasattr(nnx, "Object") else nnx.Module):
+    # flax >= 0.11 roots NNX objects at nnx.Pytree (its nnx.Object is a deprecated sibling of Module);
+    # older flax roots them at nnx.Object.
+    if not isinstance(model, getattr(nnx, "Pytree", None) or nnx.Object):
         return
     for _, node in nnx.iter_graph(model):
         if isinstance(node, nnx.bridge.ToNNX):
