@@ -83,6 +83,11 @@ def patch(factory: Callable[..., Any] | None = None, *, backend: str = "auto", v
     the linen module objects survive `nnx.split`/`nnx.merge`, so the patch does too.
     """
     chosen = Settings(backend=backend, verify=verify)
+    if factory is not None and not callable(factory):
+        raise TypeError(
+            "flashpatch.patch decorates a model factory and takes its options by keyword "
+            f"(@flashpatch.patch(backend=...)); got {factory!r}"
+        )
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
