@@ -7,7 +7,7 @@ import pathlib
 import sys
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -162,7 +162,7 @@ def test_enable_outlives_uninstall() -> None:
 
 
 @pytest.fixture
-def fresh_gemma(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> str:
+def fresh_gemma(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A not-yet-imported module with its own copy of openpi's Gemma (a new Attention class)."""
     name = f"fp_lazy_gemma_{uuid.uuid4().hex[:12]}"
     (tmp_path / f"{name}.py").write_text(pathlib.Path(gemma.__file__).read_text())
