@@ -11,6 +11,8 @@ from flashpatch.testing import register
 
 register()
 
+pytest_plugins = ["pytester"]
+
 
 def pytest_collection_modifyitems(config, items):
     if jax.default_backend() == "gpu":

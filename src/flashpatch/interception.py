@@ -182,18 +182,23 @@ def _layout_drift(target: Target, instance: Any, args: tuple, kwargs: dict) -> s
     clone = instance.clone(parent=None)
     dynamic = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x, a in zip(leaves, is_array, strict=True) if a]
 
-    def init(*arrays):
-        it = iter(arrays)
-        filled = [next(it) if a else x for x, a in zip(leaves, is_array, strict=True)]
-        call_args, call_kwargs = jax.tree_util.tree_unflatten(treedef, filled)
-        return clone.init_with_output(jax.random.PRNGKey(0), *call_args, **call_kwargs)
+    def abstract_init() -> Any:
+        # A new function per pass: jax.eval_shape caches traces on the function object, so reusing
+        # one would hand the second pass the first pass's result.
+        def init(*arrays):
+            it = iter(arrays)
+            filled = [next(it) if a else x for x, a in zip(leaves, is_array, strict=True)]
+            call_args, call_kwargs = jax.tree_util.tree_unflatten(treedef, filled)
+            return clone.init_with_output(jax.random.PRNGKey(0), *call_args, **call_kwargs)
+
+        return jax.eval_shape(init, *dynamic)
 
     with _flag("checking"), _flag("bypass"):
-        original = jax.eval_shape(init, *dynamic)
+        original = abstract_init()
     depth = settings.push(Settings(backend="reference"))
     try:
         with _flag("checking"):
-            replaced = jax.eval_shape(init, *dynamic)
+            replaced = abstract_init()
     finally:
         settings.pop(depth)
     _layouts[key] = reason = _compare(original, replaced)

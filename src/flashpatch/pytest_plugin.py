@@ -26,7 +26,10 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     import flashpatch
 
-    flashpatch.install(backend=config.getoption("flashpatch_backend"))
+    try:
+        flashpatch.install(backend=config.getoption("flashpatch_backend"))
+    except ValueError as err:
+        raise pytest.UsageError(f"--flashpatch-backend: {err}") from err
     config.add_cleanup(flashpatch.uninstall)
 
 

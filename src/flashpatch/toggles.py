@@ -83,6 +83,11 @@ def patch(factory: Callable[..., Any] | None = None, *, backend: str = "auto", v
     the linen module objects survive `nnx.split`/`nnx.merge`, so the patch does too.
     """
     chosen = Settings(backend=backend, verify=verify)
+    if factory is not None and not callable(factory):
+        raise TypeError(
+            "flashpatch.patch decorates a model factory and takes its options by keyword "
+            f"(@flashpatch.patch(backend=...)); got {factory!r}"
+        )
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
@@ -136,7 +141,9 @@ def _linen_modules(model: Any) -> Iterator[nn.Module]:
         from flax import nnx
     except ImportError:  # pragma: no cover - flax without nnx
         return
-    if not isinstance(model, nnx.Object if hasattr(nnx, "Object") else nnx.Module):
+    # flax >= 0.11 roots NNX objects at nnx.Pytree (its nnx.Object is a deprecated sibling of Module);
+    # older flax roots them at nnx.Object.
+    if not isinstance(model, getattr(nnx, "Pytree", None) or nnx.Object):
         return
     for _, node in nnx.iter_graph(model):
         if isinstance(node, nnx.bridge.ToNNX):
