@@ -261,9 +261,9 @@ class Harness:
             parts.append(f"{rec.speedup:.2f}x einsum")
         parts += [f"{name} {format_metric(name, value)}" for name, value in rec.metrics.items() if name != "compile_s"]
         if "peak" in rec.memory:
-            parts.append(f"peak {rec.memory['peak'] / memory.GIB:.2f} GiB")
+            parts.append(f"peak {memory.format_bytes(rec.memory['peak'])}")
         if "sampled_mean" in rec.memory:
-            parts.append(f"mean {rec.memory['sampled_mean'] / memory.GIB:.2f} GiB")
+            parts.append(f"mean {memory.format_bytes(rec.memory['sampled_mean'])}")
         if rec.notes:
             parts.append(f"notes: {'; '.join(rec.notes)}")
         return f"{head} " + "  ".join(parts)

@@ -15,6 +15,12 @@ from typing import Any
 GIB = 1024**3
 
 
+def format_bytes(value: int | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value / GIB:.2f} GiB" if value >= GIB else f"{value / 2**20:.1f} MiB"
+
+
 def compiled_memory(compiled: Any) -> dict[str, int] | None:
     """Sizes XLA assigned for one compiled function, or None where the platform does not say."""
     try:

@@ -1,4 +1,8 @@
-"""Turn records into what people read: a markdown report, a short console summary, the fit table."""
+"""Turn records into what people read: a markdown report, a short console summary, the fit table.
+
+In the markdown, "peak memory" is the compiled peak and "mean memory" the sampled mean bytes in use
+(see records.CONVENTIONS).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from flashpatch.bench.harness import EINSUM, format_metric, size_label
-from flashpatch.bench.memory import GIB
+from flashpatch.bench.memory import format_bytes
 from flashpatch.bench.records import Record
 
 _STATUS_CELL = {"oom": "OOM", "skipped": "skip", "unsupported": "unsup.", "error": "ERROR"}
@@ -17,7 +21,7 @@ _METRIC_TITLES = {
     "tokens_per_s": "tokens/s",
     "prefill_ms": "prefill ms",
     "denoise_ms": "denoise ms",
-    "ms_per_token": "ms/token",
+    "decode_ms": "ms per decode run",
     "rel_diff_vs_einsum": "rel. diff vs einsum",
     "loss_rel_diff_vs_einsum": "loss rel. diff vs einsum",
 }
@@ -113,10 +117,6 @@ def summary(records: Sequence[Record], fit_rows: Sequence[dict[str, Any]]) -> st
     return "\n".join(lines)
 
 
-def _gib(value: int | None) -> str:
-    return f"{value / GIB:.2f}" if value is not None else "-"
-
-
 def markdown(
     meta: dict[str, Any], records: Sequence[Record], fit_rows: Sequence[dict[str, Any]], images: Sequence[str]
 ) -> str:
@@ -130,7 +130,7 @@ def markdown(
         f"- git commit: {meta['git_commit'] or 'unknown'}",
     ]
     if device.get("memory_limit_bytes"):
-        lines.append(f"- device memory available to JAX: {_gib(device['memory_limit_bytes'])} GiB")
+        lines.append(f"- device memory available to JAX: {format_bytes(device['memory_limit_bytes'])}")
     lines += ["", "Conventions:", ""]
     lines += [f"- **{name}**: {text}" for name, text in meta["conventions"].items()]
     for (scenario, case), recs in groups(records).items():
@@ -138,7 +138,7 @@ def markdown(
         metric_names = list(dict.fromkeys(n for r in recs for n in r.metrics if n != "compile_s"))
         head = [size_label(scenario), "variant", "median ms", "speedup"]
         head += [_METRIC_TITLES.get(n, n) for n in metric_names]
-        head += ["peak GiB", "mean GiB", "compile s", "status"]
+        head += ["peak memory", "mean memory", "compile s", "status"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for rec in sorted(recs, key=lambda r: r.size):
             row = [str(rec.size), rec.variant]
@@ -149,7 +149,7 @@ def markdown(
                 else ("1.00x" if rec.variant == EINSUM and rec.status == "ok" else "-")
             )
             row += [format_metric(n, rec.metrics[n]) if n in rec.metrics else "-" for n in metric_names]
-            row += [_gib(rec.memory.get("peak")), _gib(rec.memory.get("sampled_mean"))]
+            row += [format_bytes(rec.memory.get("peak")), format_bytes(rec.memory.get("sampled_mean"))]
             row.append(f"{rec.metrics['compile_s']:.1f}" if "compile_s" in rec.metrics else "-")
             status = rec.status if rec.status == "ok" else f"{rec.status}: {rec.reason}"
             if rec.notes:

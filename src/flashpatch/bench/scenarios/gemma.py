@@ -93,15 +93,13 @@ def make_train_step(model: gemma.Module, optimizer: AdamW, actions: int):
     return step
 
 
-def _train_case(harness, variant: Variant, size: int, model, init, batches: Lazy[list[TrainBatch]]):
+def _train_case(harness, variant: Variant, size: int, init, opt_init, step, batches: Lazy[list[TrainBatch]]):
     o = harness.options
-    optimizer = AdamW()
-    step = make_train_step(model, optimizer, o.action_horizon)
 
     def body(rec: Record) -> None:
         data = batches.get()
         params = init.get()(jax.random.PRNGKey(o.seed))  # same parameters for every variant
-        opt_state = jax.jit(optimizer.init)(params)
+        opt_state = opt_init(params)
         compiled = harness.compile(
             rec, variant, step, params, opt_state, data[0], context=variant.model_context(), donate=(0, 1)
         )
@@ -219,20 +217,20 @@ def run(harness: Harness) -> None:
     model = make_model(harness)
     init = Lazy(lambda: jax.jit(functools.partial(init_params, model)))
 
+    optimizer = AdamW()
+    opt_init = jax.jit(optimizer.init)
+    step = make_train_step(model, optimizer, o.action_horizon)
+
     harness.budget.begin("gemma/train")
     for size in o.train_sizes:
         batches = Lazy(functools.partial(make_train_batches, harness, model, size))
         for variant in harness.variants:
-            body = _train_case(harness, variant, size, model, init, batches)
+            body = _train_case(harness, variant, size, init, opt_init, step, batches)
             harness.run_case("gemma", "train", variant, size, o.train_batch, body)
         batches.drop()
 
     harness.budget.begin("gemma/infer")
-    params = Lazy(
-        lambda: jax.jit(lambda key: jax.tree.map(lambda p: p.astype(jnp.bfloat16), init_params(model, key)))(
-            jax.random.PRNGKey(o.seed)
-        )
-    )
+    params = Lazy(lambda: jax.tree.map(lambda p: p.astype(jnp.bfloat16), init.get()(jax.random.PRNGKey(o.seed))))
     for size in o.infer_sizes:
         inputs = Lazy(functools.partial(make_infer_inputs, harness, model, size))
         for variant in harness.variants:
