@@ -76,13 +76,17 @@ def fits(records: Sequence[Record]) -> list[dict[str, Any]]:
 
 def fit_text(fit: dict[str, Any]) -> str:
     largest = fit["largest_ok"]
+    if largest is None and fit["next_status"] in ("skipped", "unsupported"):
+        return f"not measured ({fit['next_status']}: {fit['next_reason']})"
     text = f"{largest}" if largest is not None else "none"
     if fit["next_status"] == "oom":
         text += f" (out of memory at {fit['next_size']})"
+    elif fit["next_status"] == "skipped":
+        text += f" (not run from {fit['next_size']} up: {fit['next_reason'].split(':')[0]}; a lower bound)"
     elif fit["next_status"] is not None:
-        text += f" ({fit['next_status']} at {fit['next_size']}: larger not measured)"
+        text += f" ({fit['next_status']} at {fit['next_size']}; a lower bound)"
     else:
-        text += " (largest size tried)"
+        text += " (the largest size tried; a lower bound)"
     return text
 
 
