@@ -35,7 +35,8 @@ def make_inputs(harness: Harness, size: int) -> Inputs:
     a prompt with padding, then state and action tokens; bf16 q (scaled like openpi), k, v, dout."""
     o = harness.options
     layout = layouts.pi0(o.core_batch, size - o.action_horizon - 1, actions=o.action_horizon, masked_image=1)
-    mask = jnp.asarray(layout.mask)[:, None]
+    dense = layout.mask  # built on each access: keep it
+    mask = jnp.asarray(dense)[:, None]
     b, n, kv, h = o.core_batch, o.num_heads, o.num_kv_heads, o.head_dim
     sets = []
     for i in range(o.input_sets):
@@ -45,7 +46,7 @@ def make_inputs(harness: Harness, size: int) -> Inputs:
         v = jax.random.normal(kv_, (b, size, kv, h)).astype(jnp.bfloat16)
         dout = jax.random.normal(kd, (b, size, n, h)).astype(jnp.bfloat16)
         sets.append((q, k, v, mask, dout))
-    return Inputs(sets=sets, pairs=int(np.sum(layout.mask)))
+    return Inputs(sets=sets, pairs=int(np.sum(dense)))
 
 
 def _reference_f32(q, k, v, mask):
