@@ -126,6 +126,10 @@ def test_a_declining_backend_is_reported_not_timed(tmp_path, monkeypatch):
     assert declined and all(r["status"] == "unsupported" for r in declined)
     assert all("no such kernel here" in r["reason"] and r["ms"] is None for r in declined)
 
+    (tmp_path / "results.md").unlink()  # --render rebuilds the report from the JSON alone
+    assert cli.main(["--render", str(tmp_path)], stream=io.StringIO()) == 0
+    assert "unsupported: xla cannot run this call (no such kernel here)" in (tmp_path / "results.md").read_text()
+
 
 def test_out_of_memory_ends_a_ladder_and_errors_fail_the_run():
     harness = Harness(Options(), timing.Budget(100, {"x": 1}), stream=io.StringIO())

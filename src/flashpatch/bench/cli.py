@@ -65,6 +65,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--compile-cache", type=Path, help="JAX persistent compilation cache directory (reruns compile faster)"
     )
+    p.add_argument(
+        "--render",
+        type=Path,
+        metavar="DIR",
+        help="measure nothing: rewrite DIR/results.md and the plots from DIR/results.json (e.g. where matplotlib is)",
+    )
     return p
 
 
@@ -73,7 +79,12 @@ def _csv(values: Sequence[int]) -> str:
 
 
 def parse(argv: Sequence[str]) -> Options:
-    args = vars(parser().parse_args(list(argv)))
+    return _options(vars(parser().parse_args(list(argv))))
+
+
+def _options(args: dict[str, Any]) -> Options:
+    args = dict(args)
+    args.pop("render", None)
     quick = args.pop("quick")
     given = {name: value for name, value in args.items() if value is not None}
     options = dataclasses.replace(Options(), **{**(QUICK if quick else {}), **given})
@@ -94,14 +105,16 @@ def _jsonable(options: Options) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None, stream: TextIO = sys.stdout) -> int:
     """Run the benchmark; exit status 1 if any case failed with an error (not OOM, skip or unsupported)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    options = parse(argv)
+    args = vars(parser().parse_args(argv))
+    if args["render"] is not None:
+        return render(args["render"], stream)
+    options = _options(args)
 
     import jax  # after parsing, so --help answers without starting JAX
 
     if options.compile_cache is not None:
         jax.config.update("jax_compilation_cache_dir", str(options.compile_cache))
 
-    from flashpatch.bench import plots, report
     from flashpatch.bench.harness import Harness
     from flashpatch.bench.records import run_metadata
     from flashpatch.bench.scenarios import core, gemma, gemma_fast
@@ -119,19 +132,33 @@ def main(argv: Sequence[str] | None = None, stream: TextIO = sys.stdout) -> int:
     )
     for scenario in options.scenarios:
         runners[scenario](harness)
+    write_outputs(options.out or _default_out(meta), meta, harness.records, stream)
+    return 1 if any(r.status == "error" for r in harness.records) else 0
 
-    out = options.out or _default_out(meta)
+
+def render(directory: Path, stream: TextIO) -> int:
+    """Rewrite the markdown and plots of an earlier run from its results.json."""
+    from flashpatch.bench.records import Record
+
+    document = json.loads((directory / "results.json").read_text())
+    write_outputs(directory, document["meta"], [Record(**r) for r in document["records"]], stream)
+    return 0
+
+
+def write_outputs(out: Path, meta: dict[str, Any], records: Sequence[Any], stream: TextIO) -> None:
+    """results.json first (it holds everything), then the plots and results.md, then the console summary."""
+    from flashpatch.bench import plots, report
+
     out.mkdir(parents=True, exist_ok=True)
-    records = harness.records
     fit_rows = report.fits(records)
+    document = {"meta": meta, "records": [r.as_dict() for r in records], "fits": fit_rows}
+    (out / "results.json").write_text(json.dumps(document, indent=1) + "\n")
     try:
         images = plots.write(records, out, meta["device"].get("memory_limit_bytes"))
     except ImportError as err:
         images = []
-        print(f"no plots: {err} (pip install matplotlib)", file=stream)
-    document = {"meta": meta, "records": [r.as_dict() for r in records], "fits": fit_rows}
-    (out / "results.json").write_text(json.dumps(document, indent=1) + "\n")
+        print(f"no plots: {err} (install matplotlib, or rerun with --render {out} where it is)", file=stream)
     (out / "results.md").write_text(report.markdown(meta, records, fit_rows, images))
     print(report.summary(records, fit_rows), file=stream)
-    print(f"wrote {out}/results.json, results.md" + "".join(f", {name}" for name in images), file=stream, flush=True)
-    return 1 if any(r.status == "error" for r in records) else 0
+    written = ", ".join(["results.json", "results.md", *images])
+    print(f"wrote {written} to {out}", file=stream, flush=True)

@@ -58,7 +58,7 @@ def _speedup_panel(ax: Any, rows: Sequence[Record], colors: dict[str, str], titl
     ax.set_title(f"{title}: speedup over {EINSUM} (higher is better)", fontsize=10)
     ax.set_ylabel("speedup (x)")
     ax.set_ylim(bottom=0)
-    ax.legend(fontsize=8, loc="upper left")
+    _legend(ax)
 
 
 def _memory_panel(ax: Any, rows: Sequence[Record], colors: dict[str, str], title: str, limit: int | None) -> None:
@@ -72,7 +72,12 @@ def _memory_panel(ax: Any, rows: Sequence[Record], colors: dict[str, str], title
     ax.set_yscale("log")
     ax.set_title(f"{title}: peak memory, compiled (lower is better)", fontsize=10)
     ax.set_ylabel("GiB (log scale)")
-    ax.legend(fontsize=8, loc="upper left")
+    _legend(ax)
+
+
+def _legend(ax: Any) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="upper left")
 
 
 def _mark(ax: Any, sizes: Sequence[int], text: str, color: str) -> None:
