@@ -27,7 +27,9 @@ def _runs_here(name: str) -> bool:
     return jax.default_backend() in backend.platforms
 
 
-BACKENDS = [pytest.param(name, marks=() if name in ("reference", "xla") else pytest.mark.gpu) for name in backends.names()]
+BACKENDS = [
+    pytest.param(name, marks=() if name in ("reference", "xla") else pytest.mark.gpu) for name in backends.names()
+]
 
 
 def _reference(q, k, v, mask, probs_dtype):
@@ -40,7 +42,9 @@ def check(backend: str, case: Case, dtype: str) -> None:
     """Raise AssertionError where `backend` does not compute `case` like openpi."""
     q, k, v, mask = case.arrays(dtype)
     settings = flashpatch.Settings(backend=backend)
-    run = jax.jit(lambda q, k, v: flashpatch.attention(q, k, v, mask, settings=settings))
+    # The mask is an argument, not a closed-over constant (XLA would constant-fold the analysis).
+    attend = jax.jit(lambda q, k, v, mask: flashpatch.attention(q, k, v, mask, settings=settings))
+    run = lambda q, k, v: attend(q, k, v, mask)  # noqa: E731
     out = run(q, k, v)
     ref = _reference(q, k, v, mask, dtype)
     assert out.shape == ref.shape and out.dtype == q.dtype, (out.shape, out.dtype)
@@ -49,9 +53,12 @@ def check(backend: str, case: Case, dtype: str) -> None:
     assert err < TOL[dtype], f"{backend} {case.name} {dtype}: forward rel.err {err:.2e} >= {TOL[dtype]}"
 
     cot = jax.random.normal(jax.random.PRNGKey(7), out.shape, jnp.float32)
-    loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) * cot)  # noqa: E731
-    grads = jax.jit(jax.grad(loss(run), argnums=(0, 1, 2)))(q, k, v)
-    want = jax.grad(loss(lambda q, k, v: _reference(q, k, v, mask, dtype)), argnums=(0, 1, 2))(q, k, v)
+
+    def loss(f):
+        return lambda q, k, v, mask: jnp.sum(f(q, k, v, mask).astype(jnp.float32) * cot)
+
+    grads = jax.jit(jax.grad(loss(attend), argnums=(0, 1, 2)))(q, k, v, mask)
+    want = jax.grad(loss(lambda q, k, v, mask: _reference(q, k, v, mask, dtype)), argnums=(0, 1, 2))(q, k, v, mask)
     assert_finite(grads, "gradients")
     for name, got, exp in zip("qkv", grads, want, strict=True):
         assert got.dtype == jnp.dtype(dtype), (name, got.dtype)

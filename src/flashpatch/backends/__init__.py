@@ -11,6 +11,8 @@ from flashpatch.backends.base import Backend, Problem
 _FACTORIES = {
     "reference": "flashpatch.backends.reference:ReferenceBackend",
     "xla": "flashpatch.backends.xla:XlaBackend",
+    "kvax": "flashpatch.backends.kvax:KvaxBackend",
+    "cudnn": "flashpatch.backends.cudnn:CudnnBackend",
 }
 _instances: dict[str, Backend] = {}
 _lock = threading.Lock()

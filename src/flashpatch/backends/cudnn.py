@@ -1,0 +1,231 @@
+"""cuDNN flash attention, through `jax.nn.dot_product_attention(..., implementation="cudnn")`.
+
+Each call picks, in-graph, one of two ways to hand the mask to cuDNN:
+
+- padding-right masks (row t attends key s iff t < q_len[b] and s < kv_len[b], as a padded
+  bidirectional prefix or a decode step over a left-aligned cache has) go in as per-example
+  sequence lengths: no (B, T, S) bias is built, read or differentiated;
+- every other mask goes in dense, as a (B, 1, T, S) bool mask that JAX turns into an additive bias.
+
+The test is exact (the lengths rebuild the mask or the dense path runs), costs one elementwise pass
+over the mask, and sits in a `lax.cond`, so only one cuDNN call runs. `is_causal` is never used:
+openpi's block-causal masks are not plain causal, and cuDNN's causal decode with grouped-query
+heads has been reported wrong.
+
+What cuDNN is spared: rows that attend no key (their output is replaced by the caller) get a zero
+query and attend key 0 only, so their softmax and gradients stay finite; keys that no row attends
+get a zero key, so NaN/inf padding cannot reach other rows through the additive bias. JAX's cuDNN
+path refuses odd T or S under differentiation, so odd lengths get one masked row or key appended.
+
+Nothing GPU-only is imported here: the cuDNN version and the GPU are read inside `unsupported`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from flashpatch.backends.base import Backend, Problem
+from flashpatch.masks import MaskPlan
+
+#: JAX's own cuDNN attention tests require cuDNN 8.9.4 and an Ampere (sm80) or newer GPU.
+MIN_CUDNN_VERSION = 8904
+MIN_CAPABILITY = (8, 0)
+#: cuDNN takes head dims that are multiples of 8, up to 128, or up to 256 on Hopper with cuDNN 9.5+.
+HEAD_DIM_MULTIPLE = 8
+MAX_HEAD_DIM = 128
+MAX_HEAD_DIM_HOPPER = 256
+HOPPER = (9, 0)
+LARGE_HEAD_DIM_MIN_CUDNN = 90500
+HALF_DTYPES = ("bfloat16", "float16")
+
+
+def cudnn_version() -> int | None:
+    """The cuDNN JAX has loaded, as cuDNN numbers it (90501 for 9.5.1, 8904 for 8.9.4); None without one."""
+    try:
+        from jax._src.lib import cuda_versions  # where JAX's own cuDNN attention reads it (0.5 to 0.10 at least)
+    except ImportError:
+        return None
+    return None if cuda_versions is None else int(cuda_versions.cudnn_get_version())
+
+
+def compute_capability() -> tuple[int, int] | None:
+    """(major, minor) of the default device if it is an NVIDIA GPU under CUDA; None otherwise (ROCm, CPU)."""
+    device = jax.devices()[0]
+    if "cuda" not in device.client.platform_version.lower():
+        return None
+    major, minor = str(device.compute_capability).split(".")[:2]
+    return int(major), int(minor)
+
+
+def _version_text(version: int) -> str:
+    """cuDNN 9 numbers versions major*10000 + minor*100 + patch; cuDNN 8 used major*1000 + minor*100 + patch."""
+    if version >= 90000:
+        return f"{version // 10000}.{version // 100 % 100}.{version % 100}"
+    return f"{version // 1000}.{version // 100 % 10}.{version % 100}"
+
+
+def shape_limits(problem: Problem) -> str | None:
+    """Why cuDNN cannot take `problem`'s dtypes or shapes on any GPU, or None."""
+    if problem.k_dtype not in HALF_DTYPES or problem.v_dtype != problem.k_dtype:
+        return (
+            f"k and v must share a half-precision dtype (bfloat16, float16); got {problem.k_dtype}, {problem.v_dtype}"
+        )
+    h = problem.head_dim
+    if h % HEAD_DIM_MULTIPLE or h > MAX_HEAD_DIM_HOPPER:
+        return f"the head dim must be a multiple of {HEAD_DIM_MULTIPLE} and at most {MAX_HEAD_DIM_HOPPER}; got {h}"
+    if problem.kv_len == 1:
+        return "cuDNN is reported to have no backward pass for a single key (kv length 1)"
+    return None
+
+
+def hardware_limits(head_dim: int, version: int | None, capability: tuple[int, int] | None) -> str | None:
+    """Why the GPU or cuDNN at hand cannot run a head dim of `head_dim`, or None."""
+    if capability is None:
+        return "cuDNN needs an NVIDIA GPU under CUDA"
+    if version is None:
+        return "JAX reports no cuDNN (jax._src.lib.cuda_versions is missing or empty)"
+    gpu = f"compute capability {capability[0]}.{capability[1]}"
+    if capability < MIN_CAPABILITY:
+        least = f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}"
+        return f"cuDNN flash attention needs compute capability {least} or newer; this GPU has {gpu}"
+    if version < MIN_CUDNN_VERSION:
+        least = _version_text(MIN_CUDNN_VERSION)
+        return f"cuDNN flash attention needs cuDNN {least} or newer; JAX loaded {_version_text(version)}"
+    if head_dim > MAX_HEAD_DIM:
+        if capability < HOPPER:
+            return f"cuDNN takes head dim {head_dim} (> {MAX_HEAD_DIM}) only on Hopper or newer; this GPU has {gpu}"
+        if version < LARGE_HEAD_DIM_MIN_CUDNN:
+            return (
+                f"cuDNN takes head dim {head_dim} (> {MAX_HEAD_DIM}) only with cuDNN "
+                f"{_version_text(LARGE_HEAD_DIM_MIN_CUDNN)} or newer; JAX loaded {_version_text(version)}"
+            )
+    return None
+
+
+class SeqLengths(NamedTuple):
+    """A mask read as padding on the right: rows [0, q) attend keys [0, kv), nothing else."""
+
+    q: jax.Array  # (B,) int32, at least 1
+    kv: jax.Array  # (B,) int32, at least 1
+    exact: jax.Array  # () bool: the lengths rebuild the mask exactly
+
+
+def padding_right_lengths(mask: jax.Array) -> SeqLengths:
+    """Per-example lengths of a (B, T, S) mask, and whether they reproduce it.
+
+    An example with no key at all gets lengths 1 and 1 (cuDNN is not given empty sequences); its
+    rows are replaced by the caller.
+    """
+    t, s = mask.shape[1:]
+    q_len = jnp.sum(jnp.any(mask, axis=2), axis=1, dtype=jnp.int32)
+    kv_len = jnp.sum(jnp.any(mask, axis=1), axis=1, dtype=jnp.int32)
+    rows = jnp.arange(t)[None, :, None] < q_len[:, None, None]
+    cols = jnp.arange(s)[None, None, :] < kv_len[:, None, None]
+    exact = jnp.all((rows & cols) == mask)
+    return SeqLengths(jnp.maximum(q_len, 1), jnp.maximum(kv_len, 1), exact)
+
+
+def dense_mask(mask: jax.Array) -> jax.Array:
+    """The (B, T, S) mask cuDNN gets: rows that attend nothing attend key 0 instead (outputs replaced later)."""
+    empty = ~jnp.any(mask, axis=2, keepdims=True)
+    return mask | (empty & (jnp.arange(mask.shape[2]) == 0))
+
+
+def pad_to_even(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array):
+    """Append one zero query row / key, masked out, where T / S is odd.
+
+    Under differentiation JAX's cuDNN path refuses odd lengths (its check counts the placeholder it
+    passes for "no bias" as a bias), with a dense mask or with sequence lengths alike.
+    """
+    pad_t, pad_s = q.shape[1] % 2, k.shape[1] % 2
+    if pad_t:
+        q = jnp.pad(q, ((0, 0), (0, 1), (0, 0), (0, 0)))
+    if pad_s:
+        k = jnp.pad(k, ((0, 0), (0, 1), (0, 0), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, 1), (0, 0), (0, 0)))
+    return q, k, v, jnp.pad(mask, ((0, 0), (0, pad_t), (0, pad_s)))
+
+
+def cudnn_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    out_dtype,
+    *,
+    use_seq_lengths: bool = True,
+    implementation: str = "cudnn",
+) -> jax.Array:
+    """(B, T, N, H) attention of pre-scaled q over (B, T, S) `mask`; rows with no key come out finite.
+
+    k and v must share a half-precision dtype; q is cast to it. `use_seq_lengths=False` sends every
+    mask dense. `implementation` goes to `jax.nn.dot_product_attention`: 'xla' runs the same
+    preparation anywhere (the CPU tests use it).
+    """
+    t = q.shape[1]
+    rows = jnp.any(mask, axis=2)
+    keys = jnp.any(mask, axis=1)
+    q = jnp.where(rows[:, :, None, None], q, 0).astype(k.dtype)
+    k = jnp.where(keys[:, :, None, None], k, jnp.zeros((), k.dtype))
+    q, k, v, mask = pad_to_even(q, k, v, mask)
+    attend = functools.partial(jax.nn.dot_product_attention, q, k, v, scale=1.0, implementation=implementation)
+    dense = lambda: attend(mask=dense_mask(mask)[:, None])  # noqa: E731
+    if use_seq_lengths:
+        lengths = padding_right_lengths(mask)
+        by_lengths = lambda: attend(query_seq_lengths=lengths.q, key_value_seq_lengths=lengths.kv)  # noqa: E731
+        out = lax.cond(lengths.exact, by_lengths, dense)
+    else:
+        out = dense()
+    return out[:, :t].astype(out_dtype)
+
+
+@functools.lru_cache(maxsize=512)
+def jax_rejects(problem: Problem, use_seq_lengths: bool = True) -> str | None:
+    """What JAX's own cuDNN checks (they differ across JAX versions) say about `problem`, or None.
+
+    Traces forward and backward abstractly (nothing is compiled or run), so a shape that JAX would
+    refuse inside a model falls back instead of raising.
+    """
+    b, t, s, h = problem.batch, problem.q_len, problem.kv_len, problem.head_dim
+    args = (
+        jax.ShapeDtypeStruct((b, t, problem.num_heads, h), problem.q_dtype),
+        jax.ShapeDtypeStruct((b, s, problem.num_kv_heads, h), problem.k_dtype),
+        jax.ShapeDtypeStruct((b, s, problem.num_kv_heads, h), problem.v_dtype),
+        jax.ShapeDtypeStruct((b, t, s), jnp.bool_),
+    )
+
+    def loss(q, k, v, mask):
+        out = cudnn_attention(q, k, v, mask, jnp.float32, use_seq_lengths=use_seq_lengths)
+        return jnp.sum(out)
+
+    try:
+        jax.eval_shape(jax.grad(loss, argnums=(0, 1, 2)), *args)
+    except (NotImplementedError, ValueError, RuntimeError) as err:
+        return f"JAX's cuDNN attention refuses it: {err}"
+    return None
+
+
+class CudnnBackend(Backend):
+    name = "cudnn"
+    platforms = ("gpu",)
+    #: q may be float32 (gemma_fast keeps it so) and is cast to k's dtype; k and v must be half.
+    dtypes = ("float32", "bfloat16", "float16")
+
+    def __init__(self, use_seq_lengths: bool = True):
+        self.use_seq_lengths = use_seq_lengths
+
+    def unsupported(self, problem: Problem) -> str | None:
+        reason = super().unsupported(problem) or shape_limits(problem)
+        if reason is None:
+            reason = hardware_limits(problem.head_dim, cudnn_version(), compute_capability())
+        if reason is None:
+            reason = jax_rejects(problem, self.use_seq_lengths)
+        return reason
+
+    def attend(self, q, k, v, mask, plan: MaskPlan | None, problem: Problem):
+        return cudnn_attention(q, k, v, mask, problem.out_dtype, use_seq_lengths=self.use_seq_lengths)

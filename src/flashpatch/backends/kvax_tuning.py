@@ -1,0 +1,48 @@
+"""kvax block sizes, warps and stages per shape, chosen by measurement on an H100.
+
+Each row covers problems up to `max_len` keys; the first row that fits is used. The numbers
+come from `scripts/gpu/kvax_sweep.py` (results and how they ran: benchmarks/results/kvax_sweep*.json).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+    query: int
+    kv: int
+    warps: int
+    stages: int
+
+    def __str__(self) -> str:
+        return f"{self.query}x{self.kv}w{self.warps}s{self.stages}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    max_len: int
+    forward: Blocks
+    backward: Blocks
+
+
+#: head_dim -> rows ordered by max_len. Forward: the best of 5 candidates through flashpatch at
+#: B=2, T=S=4096 (benchmarks/results/h100-2026-11-25-call2: 128x64w8s3 1.75 ms; 128x64w8s2 1.92;
+#: kvax's own H100 default 128x128w8s3 3.82; 64x64w4s2 4.34; 128x32w4s2 5.31). Backward at 4096:
+#: 64x128w8s2 13.5 ms fwd+bwd vs 32x32w4s2 13.7 (the sweep ran out of time after two); at <= 2048,
+#: 32x32w4s2 was the best of five in the 2026-11-24 probe at B=8, T=1024 (../shared/probes/README.md).
+TABLE: dict[int, tuple[Tuning, ...]] = {
+    256: (
+        Tuning(2048, Blocks(128, 64, 8, 3), Blocks(32, 32, 4, 2)),
+        Tuning(1 << 30, Blocks(128, 64, 8, 3), Blocks(64, 128, 8, 2)),
+    ),
+}
+DEFAULT = Tuning(1 << 30, Blocks(128, 64, 8, 2), Blocks(64, 64, 4, 2))
+
+
+def choose(head_dim: int, kv_len: int) -> Tuning:
+    for row in TABLE.get(head_dim, ()):
+        if kv_len <= row.max_len:
+            return row
+    return DEFAULT

@@ -1,0 +1,165 @@
+"""The parts of the kvax backend that run without a GPU: layout transform, compat fixes, gates."""
+
+from __future__ import annotations
+
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from cases import CASES
+from helpers import rel_err
+
+import flashpatch
+from flashpatch import masks
+from flashpatch.backends import kvax as kvax_backend
+from flashpatch.backends import kvax_compat, kvax_tuning
+from flashpatch.backends.base import Problem
+from flashpatch.backends.reference import reference_attention
+
+
+def _causal_by_positions(q, k, v, q_pos, k_pos, tuning):
+    """What kvax computes for one segment: query i attends key j iff k_pos[j] <= q_pos[i]."""
+    block = max(tuning.forward.query, tuning.forward.kv, tuning.backward.query, tuning.backward.kv)
+    assert q.shape[1] % block == 0 and k.shape[1] % block == 0, "kvax's backward needs block-multiple lengths"
+    allowed = k_pos[:, None, :] <= q_pos[:, :, None]
+    return reference_attention(q, k, v, allowed, q.dtype)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if CASES[c].structured])
+def test_sorted_causal_layout_reproduces_openpi(monkeypatch, case: str) -> None:
+    """Sorting by rank/threshold and running causal attention gives openpi's rows back in place."""
+    monkeypatch.setattr(kvax_backend, "_kvax_causal", _causal_by_positions)
+    q, k, v, mask = CASES[case].arrays(jnp.float32)
+    plan = masks.analyze(mask[:, 0])
+    assert bool(plan.exact)
+    run = jax.jit(lambda q, k, v, plan: kvax_backend.sorted_causal_attention(q, k, v, plan, kvax_tuning.DEFAULT))
+    out = run(q, k, v, plan)
+    ref = reference_attention(q, k, v, mask[:, 0], jnp.float32)
+    rows = jnp.any(mask[:, 0], axis=-1)[:, :, None, None]
+    assert rel_err(out, ref, rows) < 1e-6
+    assert bool(jnp.all(jnp.isfinite(out))), "rows with no key must stay finite inside kvax"
+
+
+def test_layout_positions_never_decrease() -> None:
+    plan = masks.analyze(jnp.asarray(CASES["pi0_masked_image"].mask))
+    _, _, q_pos, k_pos = kvax_backend.causal_layout(plan)
+    assert bool(jnp.all(jnp.diff(q_pos, axis=-1) >= 0)) and bool(jnp.all(jnp.diff(k_pos, axis=-1) >= 0))
+
+
+def test_broken_layout_is_caught(monkeypatch) -> None:
+    """The layout test can fail: an unsorted key order breaks it."""
+    monkeypatch.setattr(kvax_backend, "_kvax_causal", _causal_by_positions)
+    real = kvax_backend.causal_layout
+
+    def no_key_sort(plan):
+        q_order, _, q_pos, _ = real(plan)
+        ident = jnp.broadcast_to(jnp.arange(plan.threshold.shape[-1]), plan.threshold.shape)
+        return q_order, ident, q_pos, jnp.sort(plan.threshold, axis=-1)
+
+    monkeypatch.setattr(kvax_backend, "causal_layout", no_key_sort)
+    q, k, v, mask = CASES["pi0_masked_image"].arrays(jnp.float32)
+    out = kvax_backend.sorted_causal_attention(q, k, v, masks.analyze(mask[:, 0]), kvax_tuning.DEFAULT)
+    ref = reference_attention(q, k, v, mask[:, 0], jnp.float32)
+    assert rel_err(out, ref, jnp.any(mask[:, 0], axis=-1)[:, :, None, None]) > 1e-2
+
+
+def _problem(**overrides) -> Problem:
+    base = dict(
+        batch=2, q_len=128, kv_len=128, num_heads=8, num_kv_heads=1, head_dim=256,
+        q_dtype="bfloat16", k_dtype="bfloat16", v_dtype="bfloat16", probs_dtype="bfloat16", platform="gpu",
+    )  # fmt: skip
+    return Problem(**{**base, **overrides})
+
+
+def test_kvax_declares_its_limits(monkeypatch) -> None:
+    backend = kvax_backend.KvaxBackend()
+    monkeypatch.setattr(kvax_compat, "load_error", lambda: None)
+    assert backend.unsupported(_problem()) is None
+    assert "not cpu" in backend.unsupported(_problem(platform="cpu"))
+    assert "head_dim" in backend.unsupported(_problem(head_dim=96))
+    assert "k and v" in backend.unsupported(_problem(k_dtype="float32", v_dtype="float32"))
+    assert backend.unsupported(_problem(q_dtype="float32")) is None  # gemma_fast: f32 q, bf16 cache
+    monkeypatch.setattr(kvax_compat, "load_error", lambda: "kvax cannot be imported: no GPU")
+    assert "cannot be imported" in backend.unsupported(_problem())
+
+
+def test_kvax_on_cpu_falls_back_with_one_warning() -> None:
+    q, k, v, mask = CASES["pi0_padding_mid"].arrays(jnp.bfloat16)
+    with pytest.warns(flashpatch.FlashpatchWarning, match="kvax"):
+        out = flashpatch.attention(q, k, v, mask, settings=flashpatch.Settings(backend="kvax"))
+    ref = reference_attention(q, k, v, mask[:, 0], jnp.bfloat16)
+    assert bool(jnp.all(out == ref)), "the fallback is the original computation"
+
+
+def test_shard_map_stand_in_forwards_to_jax_shard_map() -> None:
+    seen = {}
+
+    def fake_shard_map(f, **kwargs):
+        seen.update(kwargs)
+        return f
+
+    stand_in = kvax_compat.shard_map_stand_in(types.SimpleNamespace(shard_map=fake_shard_map))
+    if stand_in is None:
+        pytest.skip("this JAX still has jax.experimental.shard_map.Specs; nothing to stand in for")
+    assert stand_in.Specs is not None
+    fn = stand_in.shard_map(len, "mesh", ("in",), ("out",), check_rep=False)
+    assert fn is len
+    assert seen == {"mesh": "mesh", "in_specs": ("in",), "out_specs": ("out",), "check_vma": False}
+
+
+def test_module_replaced_restores_jax(monkeypatch) -> None:
+    import jax.experimental as parent
+
+    before = parent.__dict__.get("shard_map")
+    stand_in = types.ModuleType("jax.experimental.shard_map")
+    with kvax_compat._module_replaced("jax.experimental.shard_map", stand_in):
+        import jax.experimental.shard_map as seen
+
+        assert seen is stand_in
+    assert parent.__dict__.get("shard_map") is before
+
+
+def test_constexpr_globals_are_wrapped_once() -> None:
+    class Constexpr:
+        def __init__(self, value):
+            self.value = value
+
+    module = types.SimpleNamespace(LOG2_CONST=1.4426950408889634, NEG_INF=Constexpr(-1))
+    assert kvax_compat.wrap_constexpr_globals(module, Constexpr, ("LOG2_CONST", "NEG_INF", "ABSENT")) == ["LOG2_CONST"]
+    assert isinstance(module.LOG2_CONST, Constexpr) and module.LOG2_CONST.value == pytest.approx(1.4426950408889634)
+    assert kvax_compat.wrap_constexpr_globals(module, Constexpr, ("LOG2_CONST",)) == []
+
+
+def test_auto_axes_mesh_keeps_devices_and_names() -> None:
+    devices = np.array(jax.devices()[:1])
+    auto = jax.sharding.Mesh(devices, ("batch",))
+    assert kvax_compat.auto_axes_mesh(auto) is auto
+    axis_type = getattr(jax.sharding, "AxisType", None)
+    if axis_type is None:
+        pytest.skip("this JAX has no axis types")
+    explicit = jax.sharding.Mesh(devices, ("batch",), axis_types=(axis_type.Explicit,))
+    fixed = kvax_compat.auto_axes_mesh(explicit)
+    assert fixed.axis_names == ("batch",) and fixed.devices.tolist() == devices.tolist()
+    assert all(t == axis_type.Auto for t in fixed.axis_types)
+
+
+def test_kvax_import_failure_is_a_reason_not_a_crash(monkeypatch) -> None:
+    monkeypatch.setattr(kvax_compat, "_loaded", None)
+    monkeypatch.setattr(kvax_compat, "_error", None)
+
+    def boom():
+        raise RuntimeError("jax-triton refuses to import without a GPU")
+
+    monkeypatch.setattr(kvax_compat, "_import_fixed", boom)
+    reason = kvax_compat.load_error()
+    assert reason.startswith("kvax cannot be imported") and "jax-triton" in reason
+    with pytest.raises(ImportError, match="jax-triton"):
+        kvax_compat.load()
+
+
+def test_tuning_table_covers_openpi_head_dim() -> None:
+    short, long = kvax_tuning.choose(256, 1024), kvax_tuning.choose(256, 8192)
+    assert short.max_len >= 1024 and long.max_len >= 8192
+    assert kvax_tuning.choose(96, 100) is kvax_tuning.DEFAULT
