@@ -41,7 +41,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="output directory (default benchmarks/results/<date>-<device>)")
     p.add_argument("--scenarios", type=_names, help=f"comma list of {','.join(SCENARIOS)} (default all)")
     p.add_argument("--backends", type=_names, help="comma list of flashpatch backends (default every registered one)")
-    p.add_argument("--core-sizes", type=_ints, help=f"core T = S values (default {_csv(d.core_sizes)})")
+    p.add_argument(
+        "--core-sizes", type=_ints, help=f"core T = S values, run in this order (default {_csv(d.core_sizes)})"
+    )
     p.add_argument("--core-batch", type=int, help=f"core batch (default {d.core_batch})")
     p.add_argument("--train-sizes", type=_ints, help=f"training T ladder (default {_csv(d.train_sizes)})")
     p.add_argument("--train-batch", type=int, help=f"training batch (default {d.train_batch})")
