@@ -116,7 +116,7 @@ def summary(records: Sequence[Record], fit_rows: Sequence[dict[str, Any]]) -> st
         names = ",".join(dict.fromkeys(r.scenario for r in late))
         lines.append(
             f"{len(late)} cases skipped for time (in {names}); to cover them, run fewer scenarios per command, "
-            f"e.g. --scenarios {names.split(',')[0]} --budget-s 500"
+            f"e.g. --scenarios {names.split(',')[0]} --budget-s 420"
         )
     return "\n".join(lines)
 
