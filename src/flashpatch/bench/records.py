@@ -15,10 +15,6 @@ import jax
 
 from flashpatch.bench.memory import device_stats
 
-#: Status of a case. ok: measured. oom: out of device memory. unsupported: the backend declines
-#: this problem (reason given). skipped: not run (time budget, or out of memory at a smaller size).
-STATUSES = ("ok", "oom", "error", "unsupported", "skipped")
-
 CONVENTIONS = {
     "time": "median over repeats of wall-clock time after warm-up, each call waited on with "
     "jax.block_until_ready; compile time excluded (reported separately as compile_s)",
@@ -42,6 +38,9 @@ class Record:
     variant: str
     size: int
     batch: int
+    #: ok: measured. oom: out of device memory. error: anything else went wrong (reason given).
+    #: unsupported: the backend declines this problem (reason given). skipped: not run (time budget,
+    #: out of memory at a smaller size, or the prefill it needs did not run).
     status: str = "ok"
     reason: str | None = None
     ms: float | None = None  # the median time this case is compared on
