@@ -1,0 +1,166 @@
+"""Command line: `python -m flashpatch.bench [--quick] [--out DIR] ...`; see --help and docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import re
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from flashpatch.bench.options import QUICK, SCENARIOS, Options
+
+#: Share of the time budget per group of cases (see timing.Budget).
+BUDGET_WEIGHTS = {"core": 1.0, "gemma/train": 1.5, "gemma/infer": 0.75, "gemma_fast": 1.0}
+_GROUPS = {"core": ("core",), "gemma": ("gemma/train", "gemma/infer"), "gemma_fast": ("gemma_fast",)}
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 512,1024; got {text!r}") from None
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m flashpatch.bench",
+        description="Benchmark flashpatch's attention backends against openpi's einsum path, side by side.",
+    )
+    d = Options()
+    p.add_argument("--quick", action="store_true", help="tiny sizes (CPU, seconds): keeps the benchmark alive in CI")
+    p.add_argument("--out", type=Path, help="output directory (default benchmarks/results/<date>-<device>)")
+    p.add_argument("--scenarios", type=_names, help=f"comma list of {','.join(SCENARIOS)} (default all)")
+    p.add_argument("--backends", type=_names, help="comma list of flashpatch backends (default every registered one)")
+    p.add_argument(
+        "--core-sizes", type=_ints, help=f"core T = S values, run in this order (default {_csv(d.core_sizes)})"
+    )
+    p.add_argument("--core-batch", type=int, help=f"core batch (default {d.core_batch})")
+    p.add_argument("--train-sizes", type=_ints, help=f"training T ladder (default {_csv(d.train_sizes)})")
+    p.add_argument("--train-batch", type=int, help=f"training batch (default {d.train_batch})")
+    p.add_argument(
+        "--infer-sizes", type=_ints, help=f"pi0 inference T = prefix + suffix (default {_csv(d.infer_sizes)})"
+    )
+    p.add_argument("--infer-batch", type=int, help=f"pi0 inference batch (default {d.infer_batch})")
+    p.add_argument("--denoise-steps", type=int, help=f"pi0 denoising steps (default {d.denoise_steps})")
+    p.add_argument("--cache-sizes", type=_ints, help=f"pi0-FAST KV cache sizes (default {_csv(d.cache_sizes)})")
+    p.add_argument("--decode-steps", type=int, help=f"pi0-FAST tokens decoded per run (default {d.decode_steps})")
+    p.add_argument("--decode-batch", type=int, help=f"pi0-FAST batch (default {d.decode_batch})")
+    p.add_argument("--depth", type=int, help=f"Gemma layers (default {d.depth}, the real models')")
+    p.add_argument("--prefix-expert", help=f"flashpatch.testing.gemma variant (default {d.prefix_expert})")
+    p.add_argument("--action-expert", help=f"flashpatch.testing.gemma variant (default {d.action_expert})")
+    p.add_argument("--warmup", type=int, help=f"warm-up calls (default {d.warmup})")
+    p.add_argument("--repeats", type=int, help=f"most timed repeats per measurement (default {d.repeats})")
+    p.add_argument("--case-seconds", type=float, help=f"cap on one timed loop (default {d.case_seconds})")
+    p.add_argument("--input-sets", type=int, help=f"random input sets rotated through (default {d.input_sets})")
+    p.add_argument("--budget-s", type=float, help=f"time budget; later cases are skipped (default {d.budget_s:.0f})")
+    p.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
+    p.add_argument(
+        "--compile-cache", type=Path, help="JAX persistent compilation cache directory (reruns compile faster)"
+    )
+    p.add_argument(
+        "--render",
+        type=Path,
+        metavar="DIR",
+        help="measure nothing: rewrite DIR/results.md and the plots from DIR/results.json (e.g. where matplotlib is)",
+    )
+    return p
+
+
+def _csv(values: Sequence[int]) -> str:
+    return ",".join(str(v) for v in values)
+
+
+def parse(argv: Sequence[str]) -> Options:
+    return _options(vars(parser().parse_args(list(argv))))
+
+
+def _options(args: dict[str, Any]) -> Options:
+    args = dict(args)
+    args.pop("render", None)
+    quick = args.pop("quick")
+    given = {name: value for name, value in args.items() if value is not None}
+    options = dataclasses.replace(Options(), **{**(QUICK if quick else {}), **given})
+    options.validate()
+    return options
+
+
+def _default_out(meta: dict[str, Any]) -> Path:
+    kind = re.sub(r"[^a-z0-9]+", "-", meta["device"]["kind"].lower()).strip("-")
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return Path("benchmarks") / "results" / f"{date}-{kind}"
+
+
+def _jsonable(options: Options) -> dict[str, Any]:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(options).items()}
+
+
+def main(argv: Sequence[str] | None = None, stream: TextIO = sys.stdout) -> int:
+    """Run the benchmark; exit status 1 if any case failed with an error (not OOM, skip or unsupported)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = vars(parser().parse_args(argv))
+    if args["render"] is not None:
+        return render(args["render"], stream)
+    options = _options(args)
+
+    import jax  # after parsing, so --help answers without starting JAX
+
+    if options.compile_cache is not None:
+        jax.config.update("jax_compilation_cache_dir", str(options.compile_cache))
+
+    from flashpatch.bench.harness import Harness
+    from flashpatch.bench.records import run_metadata
+    from flashpatch.bench.scenarios import core, gemma, gemma_fast
+    from flashpatch.bench.timing import Budget
+
+    runners = {"core": core.run, "gemma": gemma.run, "gemma_fast": gemma_fast.run}
+    weights = {g: BUDGET_WEIGHTS[g] for s in options.scenarios for g in _GROUPS[s]}
+    harness = Harness(options, Budget(options.budget_s, weights), stream)
+    meta = run_metadata("python -m flashpatch.bench " + shlex.join(argv), _jsonable(options))
+    print(
+        f"flashpatch bench on {meta['device']['kind']} ({meta['device']['platform']}); variants: "
+        f"{', '.join(v.name for v in harness.variants)}; budget {options.budget_s:.0f}s",
+        file=stream,
+        flush=True,
+    )
+    for scenario in options.scenarios:
+        runners[scenario](harness)
+    write_outputs(options.out or _default_out(meta), meta, harness.records, stream)
+    return 1 if any(r.status == "error" for r in harness.records) else 0
+
+
+def render(directory: Path, stream: TextIO) -> int:
+    """Rewrite the markdown and plots of an earlier run from its results.json."""
+    from flashpatch.bench.records import Record
+
+    document = json.loads((directory / "results.json").read_text())
+    write_outputs(directory, document["meta"], [Record(**r) for r in document["records"]], stream)
+    return 0
+
+
+def write_outputs(out: Path, meta: dict[str, Any], records: Sequence[Any], stream: TextIO) -> None:
+    """results.json first (it holds everything), then the plots and results.md, then the console summary."""
+    from flashpatch.bench import plots, report
+
+    out.mkdir(parents=True, exist_ok=True)
+    fit_rows = report.fits(records)
+    document = {"meta": meta, "records": [r.as_dict() for r in records], "fits": fit_rows}
+    (out / "results.json").write_text(json.dumps(document, indent=1) + "\n")
+    try:
+        images = plots.write(records, out, meta["device"].get("memory_limit_bytes"))
+    except ImportError as err:
+        images = []
+        print(f"no plots: {err} (install matplotlib, or rerun with --render {out} where it is)", file=stream)
+    (out / "results.md").write_text(report.markdown(meta, records, fit_rows, images))
+    print(report.summary(records, fit_rows), file=stream)
+    written = ", ".join(["results.json", "results.md", *images])
+    print(f"wrote {written} to {out}", file=stream, flush=True)

@@ -1,0 +1,96 @@
+"""What one benchmark run measures: sizes, repeats, budget. Defaults fit one H100 in about 6 minutes."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+SCENARIOS = ("core", "gemma", "gemma_fast")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    scenarios: tuple[str, ...] = SCENARIOS
+    #: flashpatch backends to compare with the einsum path; empty: every registered backend.
+    backends: tuple[str, ...] = ()
+
+    # Attention core: openpi's Gemma attention shape (8 query heads, 1 kv head, head_dim 256), bf16.
+    #: Run in this order, most telling first, so that a time budget that runs out still leaves the
+    #: spread (kvax compiles Triton kernels for every new shape, which takes a while).
+    core_sizes: tuple[int, ...] = (1024, 4096, 16384, 512, 2048, 8192)
+    core_batch: int = 2
+    num_heads: int = 8
+    num_kv_heads: int = 1
+    head_dim: int = 256
+
+    # Models: expert variants of flashpatch.testing.gemma (pi0: gemma_2b prefix + gemma_300m actions).
+    prefix_expert: str = "gemma_2b"
+    action_expert: str = "gemma_300m"
+    depth: int = 18
+    vocab_size: int = 257_152  # pi0-FAST decodes logits over PaliGemma's whole vocabulary
+    action_horizon: int = 50
+    train_sizes: tuple[int, ...] = (1024, 4096, 8192, 16384, 32768)  # ladder: also finds the largest T that fits
+    train_batch: int = 4
+    infer_sizes: tuple[int, ...] = (1024, 4096)
+    infer_batch: int = 1
+    denoise_steps: int = 10
+    cache_sizes: tuple[int, ...] = (1024, 4096)
+    decode_steps: int = 64
+    decode_batch: int = 1
+
+    # Method.
+    warmup: int = 2
+    repeats: int = 20
+    case_seconds: float = 3.0  # cap on the timed loop of one measurement (repeats shrink, never below 3)
+    input_sets: int = 3  # fresh random inputs rotated through the repeats
+    budget_s: float = 330.0  # cases that would start later are skipped (and reported as such)
+    seed: int = 0
+
+    out: Path | None = None
+    compile_cache: Path | None = None
+    quick: bool = False
+
+    def validate(self) -> None:
+        unknown = set(self.scenarios) - set(SCENARIOS)
+        if unknown:
+            raise ValueError(f"scenarios must be among {', '.join(SCENARIOS)}; got {', '.join(sorted(unknown))}")
+        suffix = self.action_horizon + 1
+        for name in ("train_sizes", "infer_sizes"):
+            small = [t for t in getattr(self, name) if t < suffix + 8]
+            if small:
+                raise ValueError(f"{name} must be at least action_horizon + 9 = {suffix + 8}; got {small}")
+        small = [c for c in self.cache_sizes if c < self.decode_steps + 8]
+        if small:
+            raise ValueError(f"cache_sizes must exceed decode_steps + 8 = {self.decode_steps + 8}; got {small}")
+        small = [t for t in self.core_sizes if t < suffix + 8]
+        if small:
+            raise ValueError(f"core_sizes must be at least action_horizon + 9 = {suffix + 8}; got {small}")
+        for name in ("core_batch", "train_batch", "infer_batch", "decode_batch", "depth", "repeats", "input_sets"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
+
+
+#: --quick: tiny sizes that run on a 2-core CPU in seconds, so that CI keeps every code path alive.
+QUICK = dict(
+    core_sizes=(64,),
+    core_batch=2,
+    num_heads=4,
+    head_dim=16,
+    prefix_expert="tiny",
+    action_expert="tiny",
+    depth=2,
+    vocab_size=256,
+    action_horizon=8,
+    train_sizes=(32,),
+    train_batch=2,
+    infer_sizes=(32,),
+    denoise_steps=2,
+    cache_sizes=(32,),
+    decode_steps=4,
+    warmup=1,
+    repeats=3,
+    case_seconds=0.2,
+    input_sets=2,
+    budget_s=120.0,
+    quick=True,
+)

@@ -1,0 +1,114 @@
+"""One measured case, and what identifies the run that produced it (device, versions, date, command)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib.metadata
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from flashpatch.bench.memory import device_stats
+
+CONVENTIONS = {
+    "time": "median over repeats of wall-clock time after warm-up, each call waited on with "
+    "jax.block_until_ready; compile time excluded (reported separately as compile_s)",
+    "flops": "useful FLOPs only: forward 4*N*H per unmasked (query, key) pair (N query heads, head dim H); "
+    "backward counted as 2.5x forward, so forward+backward is 3.5x",
+    "speedup": "einsum's median time / this variant's median time, same size, same inputs, same process",
+    "rel_err": "||out - ref|| / ||ref|| against float32 attention at highest matmul precision (core only); "
+    "for forward+backward the largest over dq, dk, dv",
+    "rel_diff_vs_einsum": "models: ||out - einsum's out|| / ||einsum's out|| on the same inputs and parameters",
+    "memory.peak": "compiled memory analysis: arguments + outputs + XLA temp buffer - donated (aliased) bytes "
+    "of the measured executable(s) (largest over them)",
+    "memory.sampled_mean/sampled_max": "device bytes_in_use polled every ~2 ms during the timed loop "
+    "(GPU only; everything live in the process)",
+}
+
+
+@dataclasses.dataclass
+class Record:
+    scenario: str
+    case: str
+    variant: str
+    size: int
+    batch: int
+    #: ok: measured. oom: out of device memory. error: anything else went wrong (reason given).
+    #: unsupported: the backend declines this problem (reason given). skipped: not run (time budget,
+    #: out of memory at a smaller size, or the prefill it needs did not run).
+    status: str = "ok"
+    reason: str | None = None
+    ms: float | None = None  # the median time this case is compared on
+    speedup: float | None = None
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    memory: dict[str, int] = dataclasses.field(default_factory=dict)
+    timings: dict[str, dict[str, float | int]] = dataclasses.field(default_factory=dict)
+    backends_ran: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def group(self) -> tuple[str, str]:
+        return self.scenario, self.case
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of what the numbers depend on, read from package metadata (nothing imported)."""
+    names = ("jax", "jaxlib", "flax", "numpy", "kvax", "jax-cuda12-plugin", "jax-cuda12-pjrt", "flashpatch")
+    found = {name: _version(name) for name in names}
+    found["python"] = platform.python_version()
+    return {name: value for name, value in found.items() if value is not None}
+
+
+def device_info() -> dict[str, Any]:
+    devices = jax.devices()
+    stats = device_stats(devices[0]) or {}
+    return {
+        "platform": jax.default_backend(),
+        "kind": devices[0].device_kind,
+        "count": len(devices),
+        "memory_limit_bytes": stats.get("bytes_limit"),
+    }
+
+
+def git_commit() -> str | None:
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None
+
+
+def run_metadata(command: str, options: dict[str, Any]) -> dict[str, Any]:
+    env = {k: v for k, v in os.environ.items() if k.startswith(("XLA_", "JAX_", "FLASHPATCH"))}
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "device": device_info(),
+        "versions": versions(),
+        "git_commit": git_commit(),
+        "environment": env,
+        "options": options,
+        "conventions": CONVENTIONS,
+    }

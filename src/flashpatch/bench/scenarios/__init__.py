@@ -1,0 +1,1 @@
+"""The benchmark scenarios; each `run(harness)` adds its records to the harness."""

@@ -1,0 +1,187 @@
+"""The benchmark must not rot: `--quick` runs every scenario on CPU and writes sane JSON, markdown, PNGs."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flashpatch.bench import cli, memory, timing
+from flashpatch.bench.harness import Harness, Variant
+from flashpatch.bench.options import QUICK, Options
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+CASES = {
+    ("core", "fwd"),
+    ("core", "fwd_bwd"),
+    ("gemma", "train"),
+    ("gemma", "infer"),
+    ("gemma_fast", "prefill"),
+    ("gemma_fast", "decode"),
+}
+#: bf16 attention against the float32 reference (openpi's own bf16 path is ~3e-3 off).
+CORE_TOL = 2e-2
+#: Models: a few bf16 layers, compared with the einsum path's output on the same inputs.
+MODEL_TOL = 5e-2
+
+
+def assert_sane(document: dict, cases: set[tuple[str, str]]) -> None:
+    """Every case ran (GPU-only backends may decline, with a reason: so does their decode, without a prefill)
+    and its numbers make sense."""
+    meta = document["meta"]
+    for key in ("date", "command", "device", "versions", "options", "conventions"):
+        assert meta[key], f"meta.{key} is empty"
+    assert meta["versions"]["jax"]
+    records = document["records"]
+    assert {(r["scenario"], r["case"]) for r in records} == cases
+    assert {"einsum", "xla"} <= {r["variant"] for r in records}
+    for r in records:
+        where = f"{r['scenario']}/{r['case']} {r['variant']} size {r['size']}"
+        if r["status"] in ("unsupported", "skipped") and r["variant"] not in ("einsum", "xla"):
+            assert r["reason"] and r["ms"] is None, where
+            continue
+        assert r["status"] == "ok", f"{where}: {r['status']} ({r['reason']})"
+        assert r["ms"] > 0 and math.isfinite(r["ms"]), where
+        assert r["memory"]["peak"] > 0, where
+        if r["variant"] == "einsum":
+            assert r["speedup"] is None, where
+            continue
+        assert r["speedup"] > 0, where
+        assert r["variant"] in r["backends_ran"], where
+        if r["scenario"] == "core":
+            assert r["metrics"]["tflops"] > 0, where
+            assert r["metrics"]["rel_err"] < CORE_TOL, f"{where}: rel_err {r['metrics']['rel_err']}"
+        for name in ("rel_diff_vs_einsum", "loss_rel_diff_vs_einsum"):
+            if name in r["metrics"]:
+                assert r["metrics"][name] < MODEL_TOL, f"{where}: {name} {r['metrics'][name]}"
+    for r in records:
+        if r["scenario"] == "core" and r["variant"] == "einsum":
+            assert r["metrics"]["rel_err"] < CORE_TOL  # the baseline is judged by the same reference
+
+
+@pytest.mark.slow
+def test_quick_run_writes_json_markdown_and_plots(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(SRC), JAX_PLATFORMS="cpu")
+    # Smaller compile effort on CPU: --quick checks that the code runs, its timings mean nothing.
+    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    done = subprocess.run(
+        [sys.executable, "-m", "flashpatch.bench", "--quick", "--budget-s", "900", "--out", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    document = json.loads((tmp_path / "results.json").read_text())
+    assert_sane(document, CASES)
+    fits = {f["variant"]: f for f in document["fits"]}
+    assert fits["einsum"]["largest_ok"] == fits["xla"]["largest_ok"] == max(QUICK["train_sizes"])
+
+    progress = [line for line in done.stdout.splitlines() if line.startswith("[")]
+    assert len(progress) == len(document["records"]), "one progress line per case"
+    assert "== summary" in done.stdout
+
+    text = (tmp_path / "results.md").read_text()
+    for heading in ("## Attention core, forward", "training step", "inference", "decode", "Largest T that fits"):
+        assert heading in text
+    if importlib.util.find_spec("matplotlib") is None:
+        assert "no plots" in done.stdout
+        return
+    for name in ("core.png", "gemma.png", "gemma_fast.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 10_000, name
+        assert f"]({name})" in text
+
+
+def _core_only(tmp_path, *extra: str) -> dict:
+    out = io.StringIO()
+    argv = ["--quick", "--scenarios", "core", "--budget-s", "300", "--out", str(tmp_path), *extra]
+    cli.main(argv, stream=out)
+    return json.loads((tmp_path / "results.json").read_text())
+
+
+def test_a_wrong_backend_is_caught(tmp_path, monkeypatch):
+    from flashpatch.backends import xla
+
+    good = xla.XlaBackend.attend
+    monkeypatch.setattr(xla.XlaBackend, "attend", lambda self, *a: good(self, *a) * 1.1)
+    document = _core_only(tmp_path)
+    with pytest.raises(AssertionError, match="rel_err"):
+        assert_sane(document, {("core", "fwd"), ("core", "fwd_bwd")})
+
+
+def test_a_declining_backend_is_reported_not_timed(tmp_path, monkeypatch):
+    from flashpatch.backends import xla
+
+    monkeypatch.setattr(xla.XlaBackend, "unsupported", lambda self, problem: "no such kernel here")
+    document = _core_only(tmp_path)
+    declined = [r for r in document["records"] if r["variant"] == "xla"]
+    assert declined and all(r["status"] == "unsupported" for r in declined)
+    assert all("no such kernel here" in r["reason"] and r["ms"] is None for r in declined)
+
+    (tmp_path / "results.md").unlink()  # --render rebuilds the report from the JSON alone
+    assert cli.main(["--render", str(tmp_path)], stream=io.StringIO()) == 0
+    assert "unsupported: xla cannot run this call (no such kernel here)" in (tmp_path / "results.md").read_text()
+
+
+def test_out_of_memory_ends_a_ladder_and_errors_fail_the_run():
+    harness = Harness(Options(), timing.Budget(100, {"x": 1}), stream=io.StringIO())
+    harness.budget.begin("x")
+    variant = Variant("einsum")
+
+    def oom(rec):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 34359738368 bytes.")
+
+    first = harness.run_case("gemma", "train", variant, 1024, 4, oom)
+    later = harness.run_case("gemma", "train", variant, 2048, 4, lambda rec: None)
+    other = harness.run_case("gemma", "infer", variant, 2048, 4, lambda rec: None)
+    broken = harness.run_case("gemma", "infer", variant, 4096, 4, lambda rec: 1 / 0)
+    assert (first.status, later.status, other.status, broken.status) == ("oom", "skipped", "ok", "error")
+    assert "out of memory at 1024" in later.reason
+    assert "ZeroDivisionError" in broken.reason
+    assert memory.is_out_of_memory(RuntimeError("CUDA_ERROR_OUT_OF_MEMORY: out of memory"))
+    assert not memory.is_out_of_memory(ValueError("shapes do not match"))
+
+
+def test_budget_shares_time_by_weight_and_passes_leftovers_on():
+    now = [0.0]
+    budget = timing.Budget(100, {"a": 1, "b": 3}, clock=lambda: now[0])
+    budget.begin("a")
+    assert budget.deadline == pytest.approx(25)
+    now[0] = 10  # 'a' finished early: 'b' gets everything left
+    budget.begin("b")
+    assert budget.deadline == pytest.approx(100)
+    assert budget.exceeded() is None
+    now[0] = 101
+    assert "time budget" in budget.exceeded()
+
+
+def test_measure_waits_for_results_and_groups_tiny_calls():
+    import jax.numpy as jnp
+
+    calls = []
+
+    def call(i):
+        calls.append(i)
+        return jnp.float32(i) + 1
+
+    result = timing.measure(call, warmup=2, repeats=5, max_seconds=0.05)
+    assert result.median_ms > 0
+    assert result.repeats >= timing.MIN_REPEATS
+    assert result.calls_per_repeat > 1  # a scalar add is far below MIN_SAMPLE_S
+    assert calls == list(range(len(calls)))  # every call gets a fresh index (rotating inputs)
+
+
+def test_cli_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="cache_sizes"):
+        cli.parse(["--quick", "--cache-sizes", "8"])
+    with pytest.raises(SystemExit):
+        cli.parse(["--core-sizes", "a,b"])
