@@ -131,8 +131,9 @@ def test_installed_defaults_to_the_real_metadata() -> None:
     ("stack", "outside"),
     [
         ({"jax": "0.5.3", "jaxlib": "0.5.3", "flax": "0.10.2"}, set()),  # openpi's pins
-        ({"jax": "0.10.2", "jaxlib": "0.10.2", "flax": "0.12.8"}, set()),  # current on Python 3.11
-        ({"jax": "0.11.0", "jaxlib": "0.11.0", "flax": "0.12.8"}, {"jax", "jaxlib"}),  # a new JAX
+        ({"jax": "0.10.2", "jaxlib": "0.10.2", "flax": "0.12.8"}, set()),  # newest on Python 3.11
+        ({"jax": "0.12.0.1", "jaxlib": "0.12.0.1", "flax": "0.12.12"}, set()),  # newest on Python 3.12
+        ({"jax": "0.13.0", "jaxlib": "0.13.0", "flax": "0.12.12"}, {"jax", "jaxlib"}),  # a new JAX
         ({"jax": "0.5.1", "flax": "0.13.0"}, {"jax", "flax"}),
     ],
 )
