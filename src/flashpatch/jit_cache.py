@@ -4,7 +4,7 @@ A function jitted while flashpatch was off must not keep running the einsum path
 on (nor the reverse). JAX only retraces when something in its cache key changes, so the active
 settings are written into that key:
 
-- JAX >= 0.6 has `jax.make_user_context`, a thread-local value in the jit key (public API);
+- JAX >= 0.7.2 has `jax.make_user_context`, a thread-local value in the jit key (public API);
 - older JAX (openpi pins 0.5.3) has no such hook; there the settings ride in
   `jax.experimental.xla_metadata.set_xla_metadata`, which is also part of the key. It tags the
   traced ops with a frontend attribute that XLA ignores. Changing the process-wide default on
@@ -14,6 +14,7 @@ settings are written into that key:
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,15 +24,16 @@ _METADATA_KEY = "flashpatch"
 
 
 def carrier_name(jax_module: Any = jax) -> str:
-    """Which mechanism this JAX offers: 'user_context' or 'xla_metadata'."""
+    """Which mechanism `jax_module` offers: 'user_context' (JAX >= 0.7.2) or 'xla_metadata'."""
     if hasattr(jax_module, "make_user_context"):
         return "user_context"
     try:
-        from jax.experimental.xla_metadata import set_xla_metadata  # noqa: F401
-    except ImportError as err:  # pragma: no cover - every supported JAX has one of the two
+        metadata = importlib.import_module(f"{jax_module.__name__}.experimental.xla_metadata")
+        metadata.set_xla_metadata  # noqa: B018 - the attribute is what the carrier uses
+    except (ImportError, AttributeError) as err:
         raise ImportError(
-            "flashpatch needs jax.make_user_context (JAX >= 0.6) or "
-            "jax.experimental.xla_metadata (JAX 0.4.31 - 0.5.x) to key JAX's caches on its settings"
+            "flashpatch needs jax.make_user_context (JAX >= 0.7.2) or "
+            "jax.experimental.xla_metadata.set_xla_metadata (older JAX) to key JAX's caches on its settings"
         ) from err
     return "xla_metadata"
 
