@@ -9,6 +9,8 @@ import types
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+import jax.numpy as jnp
+
 #: The attention core a target calls in place of openpi's einsums: core(q, k, v, attn_mask, probs_dtype).
 Core = Callable[..., Any]
 
@@ -51,6 +53,16 @@ class Adapter:
     def forward(self, module: Any, call: dict[str, Any], core: Core) -> Any:
         """The original `__call__`'s result, with `core` computing the attention."""
         raise NotImplementedError
+
+
+def openpi_mask(attn_mask: Any) -> Any:
+    """attn_mask as the bool mask the core takes, read as openpi reads it.
+
+    openpi masks logits with `jnp.where(attn_mask, ...)`, so any nonzero entry attends; its
+    gemma_fast.Module builds a float mask when given none (its `init` does so).
+    """
+    attn_mask = jnp.asarray(attn_mask)
+    return attn_mask if attn_mask.dtype == jnp.bool_ else attn_mask != 0
 
 
 def defining_module(cls: type) -> types.ModuleType:

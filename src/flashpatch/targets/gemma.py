@@ -7,7 +7,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from flashpatch.targets.base import Adapter, Core, defining_module
+from flashpatch.targets.base import Adapter, Core, defining_module, openpi_mask
 
 
 def _lecun(**axes: Any) -> nn.initializers.Initializer:
@@ -70,7 +70,7 @@ class GemmaAttention(Adapter):
             k = jnp.concatenate([cache_k, k], axis=1)
             v = jnp.concatenate([cache_v, v], axis=1)
 
-        encoded = core(q, k, v, call["attn_mask"], probs_dtype=dtype)
+        encoded = core(q, k, v, openpi_mask(call["attn_mask"]), probs_dtype=dtype)
 
         out, start = [], 0
         for i, (x, config) in enumerate(zip(xs, configs, strict=True)):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flashpatch.targets.base import Adapter, Core, defining_module
+from flashpatch.targets.base import Adapter, Core, defining_module, openpi_mask
 
 
 class GemmaFastAttention(Adapter):
@@ -33,5 +33,5 @@ class GemmaFastAttention(Adapter):
         else:
             idx, k_cache, v_cache = module._update_cache(k, v, *call["kv_cache"])
 
-        encoded = core(q, k_cache, v_cache, attn_mask, probs_dtype=dtype)
+        encoded = core(q, k_cache, v_cache, openpi_mask(attn_mask), probs_dtype=dtype)
         return module.attn_vec_einsum("BTNH,NHD->BTD", encoded), (idx, k_cache, v_cache)
