@@ -131,6 +131,11 @@ def _gate(target: Target, original: Callable[..., Any]) -> Callable[..., Any]:
 def _intercept(target, signature, instance, active: Settings, next_fun, args, kwargs, context):
     if context.module is not instance or context.method_name != "__call__":
         return next_fun(*args, **kwargs)
+    call = signature.bind(instance, *args, **kwargs)
+    call.apply_defaults()
+    arguments = dict(call.arguments)
+    arguments.pop(next(iter(signature.parameters)))
+    target.adapter.check(instance, arguments)  # before the layout check runs the original on bad input
     reason = _layout_drift(target, instance, args, kwargs)
     if reason is not None:
         diagnostics.warn_once(
@@ -138,10 +143,6 @@ def _intercept(target, signature, instance, active: Settings, next_fun, args, kw
             f"{target.site}: the replacement would not reproduce the original ({reason}); the original runs",
         )
         return next_fun(*args, **kwargs)
-    call = signature.bind(instance, *args, **kwargs)
-    call.apply_defaults()
-    arguments = dict(call.arguments)
-    arguments.pop(next(iter(signature.parameters)))
     attend = functools.partial(core.attention, settings=active, site=target.site)
     return target.adapter.forward(instance, arguments, attend)
 

@@ -50,9 +50,22 @@ class Adapter:
             return f"module {home.__name__} lacks {missing}"
         return None
 
+    def check(self, module: Any, call: dict[str, Any]) -> None:
+        """Raise a clear error for arguments the original would reject (before anything runs)."""
+
     def forward(self, module: Any, call: dict[str, Any], core: Core) -> Any:
         """The original `__call__`'s result, with `core` computing the attention."""
         raise NotImplementedError
+
+
+def check_mask(attn_mask: Any, batch: int, q_len: int, kv_len: int | None) -> None:
+    """Raise, naming attn_mask, unless it is (batch, 1, q_len, kv_len); kv_len None: any S >= q_len."""
+    shape = tuple(getattr(attn_mask, "shape", ()))
+    fits = len(shape) == 4 and shape[:3] == (batch, 1, q_len)
+    fits = fits and (shape[3] == kv_len if kv_len is not None else shape[3] >= q_len)
+    if not fits:
+        keys = kv_len if kv_len is not None else f"S >= {q_len}"
+        raise ValueError(f"attn_mask must have shape (B, 1, T, S) = ({batch}, 1, {q_len}, {keys}) here; got {shape}")
 
 
 def openpi_mask(attn_mask: Any) -> Any:

@@ -7,7 +7,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from flashpatch.targets.base import Adapter, Core, defining_module, openpi_mask
+from flashpatch.targets.base import Adapter, Core, check_mask, defining_module, openpi_mask
 
 
 def _lecun(**axes: Any) -> nn.initializers.Initializer:
@@ -19,6 +19,14 @@ class GemmaAttention(Adapter):
     call_parameters = ("self", "xs", "positions", "attn_mask", "kv_cache")
     fields = ("configs",)
     helpers = ("_apply_rope", "_name", "lora.Einsum")
+
+    def check(self, module: Any, call: dict[str, Any]) -> None:
+        present = [x for x in call["xs"] if x is not None]
+        if not present:
+            return
+        q_len = sum(x.shape[1] for x in present)
+        cached = 0 if call["kv_cache"] is None else call["kv_cache"][0].shape[1]
+        check_mask(call["attn_mask"], present[0].shape[0], q_len, cached + q_len)
 
     def forward(self, module: Any, call: dict[str, Any], core: Core) -> Any:
         home = defining_module(type(module))
