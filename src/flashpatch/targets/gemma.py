@@ -66,8 +66,9 @@ class GemmaAttention(Adapter):
                     init_fn=_lecun(in_axis=-2, out_axis=-1, batch_axis=(0, 1)),
                     lora_config=lora,
                 )
+                q = q_proj("BTD,NDH->BTNH", x)  # q before kv, as openpi: gradients then sum in its order
                 k, v = kv_proj("BSD,2KDH->2BSKH", x)
-                parts.append((q_proj("BTD,NDH->BTNH", x), k, v))
+                parts.append((q, k, v))
 
         q, k, v = (jnp.concatenate(group, axis=1) for group in zip(*parts, strict=True))
         positions = call["positions"]
