@@ -183,18 +183,24 @@ def _layout_drift(target: Target, instance: Any, args: tuple, kwargs: dict) -> s
     clone = instance.clone(parent=None)
     dynamic = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x, a in zip(leaves, is_array, strict=True) if a]
 
-    def init(*arrays):
-        it = iter(arrays)
-        filled = [next(it) if a else x for x, a in zip(leaves, is_array, strict=True)]
-        call_args, call_kwargs = jax.tree_util.tree_unflatten(treedef, filled)
-        return clone.init_with_output(jax.random.PRNGKey(0), *call_args, **call_kwargs)
+    def make_init():
+        # A new function per evaluation: jax.eval_shape caches traces per function, and neither the
+        # bypass flag nor the pushed settings are in that cache's key (the second call would
+        # otherwise return the first's result, and no drift would ever be seen).
+        def init(*arrays):
+            it = iter(arrays)
+            filled = [next(it) if a else x for x, a in zip(leaves, is_array, strict=True)]
+            call_args, call_kwargs = jax.tree_util.tree_unflatten(treedef, filled)
+            return clone.init_with_output(jax.random.PRNGKey(0), *call_args, **call_kwargs)
+
+        return init
 
     with _flag("checking"), _flag("bypass"):
-        original = jax.eval_shape(init, *dynamic)
+        original = jax.eval_shape(make_init(), *dynamic)
     depth = settings.push(Settings(backend="reference"))
     try:
         with _flag("checking"):
-            replaced = jax.eval_shape(init, *dynamic)
+            replaced = jax.eval_shape(make_init(), *dynamic)
     finally:
         settings.pop(depth)
     _layouts[key] = reason = _compare(original, replaced)
