@@ -133,8 +133,10 @@ def _run(monkeypatch, module: types.ModuleType, kind: str, *, register_inside: b
                     flashpatch.register_target(module.__name__, "Attention", kind=kind)
                 bound = bound and site in interception.bound_targets()
                 got = _init_and_call(attention, arguments)
-            same = same and jax.tree.structure(got) == jax.tree.structure(want)
-            same = same and all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+            pairs = zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)
+            same = (
+                same and jax.tree.structure(got) == jax.tree.structure(want) and all(np.array_equal(*p) for p in pairs)
+            )
     messages = [str(w.message) for w in caught if issubclass(w.category, flashpatch.FlashpatchWarning)]
     assert all(site in m for m in messages), messages
     return Outcome(messages, bound, counter.calls, same, got[1])
