@@ -115,28 +115,28 @@ class Outcome:
 
 
 def _run(monkeypatch, module: types.ModuleType, kind: str, *, register_inside: bool = False) -> Outcome:
-    """Register module.Attention, then init and call it at two lengths, each in its own enable() block."""
+    """Register module.Attention, init and call it with flashpatch on and off, then trace it once
+    more at another length in a second enable() block (a new layout check, no new warning)."""
     counter = _Counting()
     monkeypatch.setitem(backends._instances, "xla", counter)
     attention = _attention(module, kind)
     site = f"{module.__name__}.Attention"
-    same, bound = True, True
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if not register_inside:
             flashpatch.register_target(module.__name__, "Attention", kind=kind)
-        for length in (7, 9):
-            arguments = _arguments(kind, length)
-            want = _init_and_call(attention, arguments)
-            with flashpatch.enable("xla"):
-                if register_inside:
-                    flashpatch.register_target(module.__name__, "Attention", kind=kind)
-                bound = bound and site in interception.bound_targets()
-                got = _init_and_call(attention, arguments)
-            pairs = zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)
-            same = (
-                same and jax.tree.structure(got) == jax.tree.structure(want) and all(np.array_equal(*p) for p in pairs)
-            )
+        arguments = _arguments(kind, 7)
+        want = _init_and_call(attention, arguments)
+        with flashpatch.enable("xla"):
+            if register_inside:
+                flashpatch.register_target(module.__name__, "Attention", kind=kind)
+            bound = site in interception.bound_targets()
+            got = _init_and_call(attention, arguments)
+        with flashpatch.enable("xla"):
+            longer = _arguments(kind, 9)
+            jax.eval_shape(lambda key: attention.init_with_output(key, *longer), jax.random.PRNGKey(0))
+    pairs = zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)
+    same = jax.tree.structure(got) == jax.tree.structure(want) and all(np.array_equal(*p) for p in pairs)
     messages = [str(w.message) for w in caught if issubclass(w.category, flashpatch.FlashpatchWarning)]
     assert all(site in m for m in messages), messages
     return Outcome(messages, bound, counter.calls, same, got[1])
