@@ -132,6 +132,11 @@ def _gate(target: Target, original: Callable[..., Any]) -> Callable[..., Any]:
 def _intercept(target, signature, instance, active: Settings, next_fun, args, kwargs, context):
     if context.module is not instance or context.method_name != "__call__":
         return next_fun(*args, **kwargs)
+    call = signature.bind(instance, *args, **kwargs)
+    call.apply_defaults()
+    arguments = dict(call.arguments)
+    arguments.pop(next(iter(signature.parameters)))
+    target.adapter.check(instance, arguments)  # before the layout check runs the original on bad input
     reason = _layout_drift(target, instance, args, kwargs)
     if reason is not None:
         diagnostics.warn_once(
@@ -139,10 +144,6 @@ def _intercept(target, signature, instance, active: Settings, next_fun, args, kw
             f"{target.site}: the replacement would not reproduce the original ({reason}); the original runs",
         )
         return next_fun(*args, **kwargs)
-    call = signature.bind(instance, *args, **kwargs)
-    call.apply_defaults()
-    arguments = dict(call.arguments)
-    arguments.pop(next(iter(signature.parameters)))
     if getattr(_local, "checking", False):
         attend = _shape_only_core  # the layout check traces abstractly; no backend choice, no messages
     else:
@@ -192,8 +193,9 @@ def _layout_drift(target: Target, instance: Any, args: tuple, kwargs: dict) -> s
     dynamic = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x, a in zip(leaves, is_array, strict=True) if a]
 
     def abstract_init() -> Any:
-        # A new function per pass: jax.eval_shape caches traces on the function object, so reusing
-        # one would hand the second pass the first pass's result.
+        # A new function per pass: jax.eval_shape caches traces on the function object, and the
+        # bypass flag is not in that cache's key, so reusing one would hand the second pass the
+        # first pass's result (and no drift would ever be seen).
         def init(*arrays):
             it = iter(arrays)
             filled = [next(it) if a else x for x, a in zip(leaves, is_array, strict=True)]

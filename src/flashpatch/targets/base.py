@@ -9,6 +9,8 @@ import types
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+import jax.numpy as jnp
+
 #: The attention core a target calls in place of openpi's einsums: core(q, k, v, attn_mask, probs_dtype).
 Core = Callable[..., Any]
 
@@ -48,9 +50,32 @@ class Adapter:
             return f"module {home.__name__} lacks {missing}"
         return None
 
+    def check(self, module: Any, call: dict[str, Any]) -> None:
+        """Raise a clear error for arguments the original would reject (before anything runs)."""
+
     def forward(self, module: Any, call: dict[str, Any], core: Core) -> Any:
         """The original `__call__`'s result, with `core` computing the attention."""
         raise NotImplementedError
+
+
+def check_mask(attn_mask: Any, batch: int, q_len: int, kv_len: int | None) -> None:
+    """Raise, naming attn_mask, unless it is (batch, 1, q_len, kv_len); kv_len None: any S >= q_len."""
+    shape = tuple(getattr(attn_mask, "shape", ()))
+    fits = len(shape) == 4 and shape[:3] == (batch, 1, q_len)
+    fits = fits and (shape[3] == kv_len if kv_len is not None else shape[3] >= q_len)
+    if not fits:
+        keys = kv_len if kv_len is not None else f"S >= {q_len}"
+        raise ValueError(f"attn_mask must have shape (B, 1, T, S) = ({batch}, 1, {q_len}, {keys}) here; got {shape}")
+
+
+def openpi_mask(attn_mask: Any) -> Any:
+    """attn_mask as the bool mask the core takes, read as openpi reads it.
+
+    openpi masks logits with `jnp.where(attn_mask, ...)`, so any nonzero entry attends; its
+    gemma_fast.Module builds a float mask when given none (its `init` does so).
+    """
+    attn_mask = jnp.asarray(attn_mask)
+    return attn_mask if attn_mask.dtype == jnp.bool_ else attn_mask != 0
 
 
 def defining_module(cls: type) -> types.ModuleType:

@@ -7,7 +7,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from flashpatch.targets.base import Adapter, Core, defining_module
+from flashpatch.targets.base import Adapter, Core, check_mask, defining_module, openpi_mask
 
 
 def _lecun(**axes: Any) -> nn.initializers.Initializer:
@@ -19,6 +19,14 @@ class GemmaAttention(Adapter):
     call_parameters = ("self", "xs", "positions", "attn_mask", "kv_cache")
     fields = ("configs",)
     helpers = ("_apply_rope", "_name", "lora.Einsum")
+
+    def check(self, module: Any, call: dict[str, Any]) -> None:
+        present = [x for x in call["xs"] if x is not None]
+        if not present:
+            return
+        q_len = sum(x.shape[1] for x in present)
+        cached = 0 if call["kv_cache"] is None else call["kv_cache"][0].shape[1]
+        check_mask(call["attn_mask"], present[0].shape[0], q_len, cached + q_len)
 
     def forward(self, module: Any, call: dict[str, Any], core: Core) -> Any:
         home = defining_module(type(module))
@@ -58,8 +66,9 @@ class GemmaAttention(Adapter):
                     init_fn=_lecun(in_axis=-2, out_axis=-1, batch_axis=(0, 1)),
                     lora_config=lora,
                 )
+                q = q_proj("BTD,NDH->BTNH", x)  # q before kv, as openpi: gradients then sum in its order
                 k, v = kv_proj("BSD,2KDH->2BSKH", x)
-                parts.append((q_proj("BTD,NDH->BTNH", x), k, v))
+                parts.append((q, k, v))
 
         q, k, v = (jnp.concatenate(group, axis=1) for group in zip(*parts, strict=True))
         positions = call["positions"]
@@ -70,7 +79,7 @@ class GemmaAttention(Adapter):
             k = jnp.concatenate([cache_k, k], axis=1)
             v = jnp.concatenate([cache_v, v], axis=1)
 
-        encoded = core(q, k, v, call["attn_mask"], probs_dtype=dtype)
+        encoded = core(q, k, v, openpi_mask(call["attn_mask"]), probs_dtype=dtype)
 
         out, start = [], 0
         for i, (x, config) in enumerate(zip(xs, configs, strict=True)):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flashpatch.targets.base import Adapter, Core, defining_module
+from flashpatch.targets.base import Adapter, Core, check_mask, defining_module, openpi_mask
 
 
 class GemmaFastAttention(Adapter):
@@ -14,11 +14,14 @@ class GemmaFastAttention(Adapter):
     methods = ("setup", "_init_cache", "_update_cache")
     helpers = ("_apply_rope",)
 
+    def check(self, module: Any, call: dict[str, Any]) -> None:
+        batch, q_len = call["x"].shape[:2]
+        kv_cache = call["kv_cache"]
+        check_mask(call["attn_mask"], batch, q_len, None if kv_cache is None else kv_cache[1].shape[1])
+
     def forward(self, module: Any, call: dict[str, Any], core: Core) -> Any:
         home = defining_module(type(module))
         x, positions, attn_mask = call["x"], call["positions"], call["attn_mask"]
-        if getattr(attn_mask, "ndim", None) != 4:
-            raise ValueError(f"attn_mask must have shape (B, 1, T, S); got {getattr(attn_mask, 'shape', attn_mask)}")
         dtype = x.dtype
         if module.num_kv_heads == module.num_heads:
             q, k, v = module.qkv_einsum("BSD,3KDH->3BSKH", x)
@@ -33,5 +36,5 @@ class GemmaFastAttention(Adapter):
         else:
             idx, k_cache, v_cache = module._update_cache(k, v, *call["kv_cache"])
 
-        encoded = core(q, k_cache, v_cache, attn_mask, probs_dtype=dtype)
+        encoded = core(q, k_cache, v_cache, openpi_mask(attn_mask), probs_dtype=dtype)
         return module.attn_vec_einsum("BTNH,NHD->BTD", encoded), (idx, k_cache, v_cache)

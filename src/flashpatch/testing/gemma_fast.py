@@ -234,6 +234,10 @@ class Module(nn.Module):
         x, kv_cache = layers(x, kv_cache, positions, mask, decode, deterministic)
         return embedder.decode(RMSNorm(name="final_norm")(x)), kv_cache
 
+    def init(self):
+        """Create every parameter, as openpi's convenience init does (one token, the default float mask)."""
+        self(jnp.zeros((1, 1), dtype=jnp.int32))
+
 
 def _apply_rope(x, *, positions, max_wavelength=10_000):
     """Rotary embedding of x (B, L, H, D) at positions (B, L); the result stays float32, as in openpi."""
