@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,7 +41,7 @@ def make_model(harness: Harness) -> gemma_fast.Module:
 def make_params(model: gemma_fast.Module, key: jax.Array):
     """bf16 parameters; the embedding is random (its zero init would make every decoded token zero)."""
     init_key, embed_key = jax.random.split(key)
-    params = model.init(init_key, tokens=jnp.zeros((1, 1), jnp.int32))["params"]
+    params = nn.Module.init(model, init_key, tokens=jnp.zeros((1, 1), jnp.int32))["params"]
     table = params["embedder"]["input_embedding"]
     params["embedder"]["input_embedding"] = jax.random.normal(embed_key, table.shape) * 0.02
     return jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
