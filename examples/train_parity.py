@@ -99,7 +99,7 @@ def run_seq_len(args: argparse.Namespace, seq_len: int, backend_names: list[str]
         head_dim=args.head_dim,
         dtype=args.dtype,
     )
-    task = pi0.Task.create(layout, jax.random.PRNGKey(args.seed + 1))
+    task = pi0.Task.create(layout, seed=args.seed + 1)
     config = parity.TrainConfig(
         steps=args.steps, batch=args.batch, learning_rate=args.lr, seed=args.seed, eval_every=args.eval_every
     )

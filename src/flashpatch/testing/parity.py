@@ -122,8 +122,8 @@ def train(
             total += pi0.flow_matching_loss(model, p, obs, jax.random.fold_in(key, 1))
         return total / config.eval_batches
 
-    fresh = jax.tree.map(jnp.copy, params)  # the step donates its state; `params` serves every run
-    state = (fresh, optimizer.init(fresh))
+    # A fresh copy (the step donates its state; `params` serves every run), in one compiled call.
+    state = jax.jit(lambda p: (jax.tree.map(jnp.copy, p), optimizer.init(p)))(params)
     step0 = np.int32(0)
     notes: list[str] = []
     with _recording(notes), activation(backend):

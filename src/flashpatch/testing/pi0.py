@@ -97,16 +97,21 @@ class Task:
     missing_camera_rate: float = 0.5
 
     @classmethod
-    def create(cls, layout: Layout, key: jax.Array, *, latent: int = 16, tasks: int = 4) -> Task:
+    def create(cls, layout: Layout, seed: int, *, latent: int = 16, tasks: int = 4) -> Task:
+        """Maps drawn with numpy from `seed` (no compilation; the same on every platform)."""
         if tasks + 1 >= layout.vocab:
             raise ValueError(f"tasks must be smaller than the vocabulary ({layout.vocab}) - 1; got {tasks}")
-        k_cam, k_state, k_act = jax.random.split(key, 3)
+        rng = np.random.default_rng(seed)
         scale = latent**-0.5
+
+        def normal(*shape: int) -> jax.Array:
+            return jnp.asarray(rng.standard_normal(shape, np.float32) * scale)
+
         return cls(
             layout=layout,
-            camera_maps=jax.random.normal(k_cam, (len(layout.cameras), latent, layout.obs_dim)) * scale,
-            state_map=jax.random.normal(k_state, (latent, layout.action_dim)) * scale,
-            action_maps=jax.random.normal(k_act, (tasks, latent, layout.horizon * layout.action_dim)) * scale,
+            camera_maps=normal(len(layout.cameras), latent, layout.obs_dim),
+            state_map=normal(latent, layout.action_dim),
+            action_maps=normal(tasks, latent, layout.horizon * layout.action_dim),
         )
 
     def sample(self, key: jax.Array, batch: int) -> Batch:
