@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt", type=int, default=48, help="prompt tokens (the tail of each is padding)")
     p.add_argument("--horizon", type=int, default=50, help="action tokens")
     p.add_argument("--action-dim", type=int, default=32)
-    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW, warm-up then cosine)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, warm-up then cosine)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=250, help="held-out loss every N steps (0: never)")
     p.add_argument(

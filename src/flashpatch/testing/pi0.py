@@ -92,7 +92,7 @@ class Task:
     layout: Layout
     camera_maps: jax.Array  # (cameras, latent, obs_dim)
     state_map: jax.Array  # (latent, action_dim)
-    action_maps: jax.Array  # (tasks, latent, horizon * action_dim)
+    action_maps: jax.Array  # (tasks, 2, latent, action_dim): first and last pose of each task's trajectory
     obs_noise: float = 1.0
     missing_camera_rate: float = 0.5
 
@@ -111,7 +111,7 @@ class Task:
             layout=layout,
             camera_maps=normal(len(layout.cameras), latent, layout.obs_dim),
             state_map=normal(latent, layout.action_dim),
-            action_maps=normal(tasks, latent, layout.horizon * layout.action_dim),
+            action_maps=normal(tasks, 2, latent, layout.action_dim),
         )
 
     def sample(self, key: jax.Array, batch: int) -> Batch:
@@ -142,14 +142,16 @@ class Task:
         prompt_mask = jnp.arange(lay.prompt)[None, :] < length
         prompt = jnp.where(prompt_mask, prompt, 0).astype(jnp.int32)
 
-        actions = jnp.tanh(jnp.einsum("bl,bla->ba", z, self.action_maps[task]))
+        poses = jnp.tanh(jnp.einsum("bl,bpla->bpa", z, self.action_maps[task]))  # (B, 2, action_dim)
+        along = jnp.linspace(0.0, 1.0, lay.horizon)[None, :, None]
+        actions = (1 - along) * poses[:, :1] + along * poses[:, 1:]  # a straight path from pose 0 to pose 1
         return Batch(
             images=images,
             image_masks=image_masks,
             prompt=prompt,
             prompt_mask=prompt_mask,
             state=z @ self.state_map,
-            actions=actions.reshape(batch, lay.horizon, lay.action_dim),
+            actions=actions,
         )
 
 
