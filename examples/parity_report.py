@@ -92,8 +92,9 @@ def summary(records: list[dict]) -> str:
             gap = record["gaps"].get(run["name"])
             final = float(np.mean(run["losses"][-final_k:]))
             memory = run["memory"]
+            warned = any(note.startswith("warning:") for note in run["notes"])
             cells = [
-                run["name"],
+                run["name"] + (" (flashpatch warned: see below)" if warned else ""),
                 f"{final:.5f}",
                 "baseline"
                 if gap is None

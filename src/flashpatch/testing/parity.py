@@ -30,6 +30,8 @@ UNPATCHED = "unpatched"
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+    """One training run's schedule; every run of a comparison uses the same one."""
+
     steps: int
     batch: int
     learning_rate: float = 1e-3
@@ -58,10 +60,15 @@ class RunResult:
     losses: np.ndarray
     eval_steps: list[int]
     eval_losses: list[float]
-    compile_s: float
-    step_times: np.ndarray
+    compile_s: float  # tracing + compiling the train step
+    step_times: np.ndarray  # per step after the timing warm-up, each synchronised
     memory: dict[str, int]
     notes: list[str]
+
+    @property
+    def warned(self) -> bool:
+        """flashpatch warned during the run (a fallback: the asked-for backend did not run everywhere)."""
+        return any(note.startswith("warning:") for note in self.notes)
 
     @property
     def median_step_s(self) -> float:
@@ -213,7 +220,10 @@ def _device_memory() -> dict[str, int]:
 
 @contextlib.contextmanager
 def _recording(notes: list[str]) -> Iterator[None]:
-    """Collect flashpatch's one-time messages (backend chosen per site, fallbacks) for this run."""
+    """Collect flashpatch's one-time messages (backend chosen per site, fallbacks) for this run.
+
+    Clears the process's record of messages already said, so that each run says them again.
+    """
     diagnostics.forget()
 
     class Collect(logging.Handler):

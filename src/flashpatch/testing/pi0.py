@@ -7,9 +7,9 @@ block) and `horizon` action tokens (one block) for the action expert, openpi's m
 pi0's flow-matching loss. SigLIP is replaced by a linear projection of synthetic patch features.
 
 The task is learnable: each sample has a hidden vector z and a task id. Every camera token is a noisy
-linear view of z, the first prompt token names the task, the state is linear in z, and the actions are
-tanh(z @ W[task]). Actions reach the action tokens only through attention to the prefix, so any error
-in attention shows up in the loss.
+linear view of z, the first prompt token names the task, the state shows a quarter of z, and the actions
+go in a straight line from tanh(z @ W0[task]) to tanh(z @ W1[task]). The action tokens learn the task and
+most of z only by attending to the prefix, so any error in attention shows up in the loss.
 """
 
 from __future__ import annotations
@@ -87,11 +87,11 @@ class Batch(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """The fixed random maps that define the synthetic task (a pytree of arrays, static layout)."""
+    """The fixed random maps that define the synthetic task (a pytree: arrays are leaves, the rest static)."""
 
     layout: Layout
     camera_maps: jax.Array  # (cameras, latent, obs_dim)
-    state_map: jax.Array  # (latent, action_dim)
+    state_map: jax.Array  # (latent // 4, action_dim): the state shows the first quarter of z
     action_maps: jax.Array  # (tasks, 2, latent, action_dim): first and last pose of each task's trajectory
     obs_noise: float = 1.0
     missing_camera_rate: float = 0.5
@@ -110,7 +110,7 @@ class Task:
         return cls(
             layout=layout,
             camera_maps=normal(len(layout.cameras), latent, layout.obs_dim),
-            state_map=normal(latent, layout.action_dim),
+            state_map=normal(max(1, latent // 4), layout.action_dim),
             action_maps=normal(tasks, 2, latent, layout.action_dim),
         )
 
@@ -150,7 +150,7 @@ class Task:
             image_masks=image_masks,
             prompt=prompt,
             prompt_mask=prompt_mask,
-            state=z @ self.state_map,
+            state=z[:, : self.state_map.shape[0]] @ self.state_map,
             actions=actions,
         )
 
