@@ -1,9 +1,14 @@
-"""Turn the results_T<T>.json files of train_parity.py into one PNG of overlaid curves and a markdown summary."""
+"""Turn the results_T<T>.json files of train_parity.py into one PNG of overlaid curves and a markdown summary.
+
+train_parity.py calls `render` at its end; to redo it elsewhere (say, where matplotlib is installed):
+    python examples/parity_report.py OUT_DIR
+"""
 
 from __future__ import annotations
 
 import json
 import pathlib
+import sys
 
 import numpy as np
 
@@ -20,10 +25,18 @@ def load(out: pathlib.Path) -> list[dict]:
     return sorted(records, key=lambda r: r["seq_len"])
 
 
-def render(out: pathlib.Path) -> None:
+def render(out: pathlib.Path) -> list[pathlib.Path]:
+    """Write summary.md and, where matplotlib is installed, training-parity.png; return what was written."""
     records = load(out)
-    plot(records, out / "training-parity.png")
-    (out / "summary.md").write_text(summary(records))
+    written = [out / "summary.md"]
+    written[0].write_text(summary(records))
+    try:
+        plot(records, out / "training-parity.png")
+    except ImportError as err:
+        print(f"no PNG ({err}); the JSON is kept: run `python examples/parity_report.py {out}` where matplotlib is")
+    else:
+        written.append(out / "training-parity.png")
+    return written
 
 
 def _smooth(values: np.ndarray, window: int) -> np.ndarray:
@@ -124,3 +137,10 @@ def summary(records: list[dict]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(f"usage: {sys.argv[0]} OUT_DIR (the --out of train_parity.py)")
+    for path in render(pathlib.Path(sys.argv[1])):
+        print(f"wrote {path}")

@@ -86,10 +86,14 @@ def _name_list(text: str) -> list[str]:
     return names
 
 
-def run_seq_len(args: argparse.Namespace, seq_len: int, backend_names: list[str]) -> dict:
-    layout = pi0.Layout.for_seq_len(
+def layout_for(args: argparse.Namespace, seq_len: int) -> pi0.Layout:
+    return pi0.Layout.for_seq_len(
         seq_len, cameras=args.cameras, prompt=args.prompt, horizon=args.horizon, action_dim=args.action_dim
     )
+
+
+def run_seq_len(args: argparse.Namespace, seq_len: int, backend_names: list[str]) -> dict:
+    layout = layout_for(args, seq_len)
     model = pi0.build(
         layout,
         width=args.width,
@@ -189,11 +193,17 @@ def main(argv: list[str] | None = None) -> int:
     register()  # patch our openpi-compatible Gemma like openpi's
     backend_names = args.backends if args.backends is not None else parity.runnable_backends()
     lengths = args.seq_lens or [args.seq_len or 867]
+    for seq_len in lengths:  # every length checked before the first run starts
+        try:
+            layout_for(args, seq_len)
+        except ValueError as err:
+            print(f"train_parity.py: --seq-len {seq_len}: {err}", file=sys.stderr)
+            return 2
     print(f"{_environment()}; backends: unpatched, {', '.join(backend_names)}", flush=True)
     for seq_len in lengths:
         run_seq_len(args, seq_len, backend_names)
-    parity_report.render(args.out)
-    print(f"wrote {args.out}/summary.md and {args.out}/training-parity.png", flush=True)
+    for path in parity_report.render(args.out):
+        print(f"wrote {path}", flush=True)
     return 0
 
 

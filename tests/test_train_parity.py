@@ -7,6 +7,12 @@ attention must break the check, and the task must be learnable (the loss goes do
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
+import pathlib
+import sys
+
+import numpy as np
 import pytest
 
 from flashpatch import backends
@@ -62,3 +68,19 @@ def test_broken_attention_breaks_parity(setup, monkeypatch) -> None:
     patched = parity.train(model, task, params, CONFIG, "xla")
     gap = parity.compare(patched.losses, baseline.losses, window=1)
     assert gap.max_rel_gap >= TOLERANCE, f"a broken attention passed the parity check (gap {gap.max_rel_gap:.2e})"
+
+
+def test_compare_treats_nan_as_an_infinite_gap() -> None:
+    gap = parity.compare(np.array([1.0, np.nan]), np.array([1.0, 1.0]), window=1)
+    assert gap.max_rel_gap == np.inf and gap.final_rel_diff == np.inf and not gap.identical
+
+
+def test_openpi_mode_skips_cleanly_without_openpi(monkeypatch, tmp_path, capsys) -> None:
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "openpi_parity.py"
+    spec = importlib.util.spec_from_file_location("openpi_parity", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setitem(sys.modules, "openpi", None)  # import openpi now raises ImportError
+    assert module.main(argparse.Namespace(out=tmp_path)) == 0
+    assert "openpi is not importable" in capsys.readouterr().out
+    assert not list(tmp_path.iterdir())
