@@ -52,7 +52,7 @@ def plot(records: list[dict], path: pathlib.Path) -> None:
     fig, axes = plt.subplots(2, len(records), figsize=(6.5 * len(records), 7), squeeze=False, sharex="col")
     for col, record in enumerate(records):
         runs = record["runs"]
-        window = next(iter(record["gaps"].values()), {}).get("window", 1)
+        window = record["window"]
         baseline = np.asarray(runs[0]["losses"])
         steps = np.arange(len(baseline))
         top, bottom = axes[0, col], axes[1, col]
@@ -88,7 +88,7 @@ def summary(records: list[dict]) -> str:
     lines = ["# Training parity results", ""]
     for record in records:
         args, env = record["args"], record["environment"]
-        final_k = max(1, min(100, args["steps"] // 20))
+        final_k = record["final_steps"]
         lines += [
             f"## T = {record['seq_len']}",
             "",

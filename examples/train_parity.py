@@ -17,6 +17,7 @@ Several commands may write into the same --out (one per T, say): the PNG and sum
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import platform
@@ -115,6 +116,8 @@ def run_seq_len(args: argparse.Namespace, seq_len: int, backend_names: list[str]
         "layout": {"cameras": layout.cameras, "prompt": layout.prompt, "horizon": layout.horizon},
         "args": {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()},
         "environment": _environment(),
+        "window": max(1, min(50, args.steps // 20)),  # steps per moving average of the "curves" gap
+        "final_steps": max(1, min(100, args.steps // 20)),  # steps averaged into the final loss
         "runs": [],
         "gaps": {},
     }
@@ -123,36 +126,22 @@ def run_seq_len(args: argparse.Namespace, seq_len: int, backend_names: list[str]
 
     def on_run(result: parity.RunResult) -> None:
         record["runs"].append(result.to_json())
-        baseline = record["runs"][0]
+        line = f"  {result.name}: compile {result.compile_s:.1f} s, median step {result.median_step_s * 1e3:.2f} ms"
+        line += f", final loss {result.losses[-record['final_steps'] :].mean():.5f}"
         if result.name != parity.UNPATCHED:
-            gap = parity.compare(
-                result.losses, baseline["losses"], window=_window(args.steps), final_steps=_final(args)
+            baseline = record["runs"][0]["losses"]
+            gap = parity.compare(result.losses, baseline, window=record["window"], final_steps=record["final_steps"])
+            record["gaps"][result.name] = dataclasses.asdict(gap)
+            line += (
+                f", final vs unpatched {gap.final_rel_diff:.3g}, max rel gap {gap.max_rel_gap_smoothed:.3g} (smoothed)"
             )
-            record["gaps"][result.name] = gap.__dict__
-        print(
-            f"  {result.name}: compile {result.compile_s:.1f} s, median step {result.median_step_s * 1e3:.2f} ms, "
-            f"final loss {result.losses[-_final(args) :].mean():.5f}"
-            + (
-                f", max rel gap {record['gaps'][result.name]['max_rel_gap_smoothed']:.3g} (smoothed)"
-                if result.name in record["gaps"]
-                else ""
-            ),
-            flush=True,
-        )
+        print(line, flush=True)
         for note in result.notes:
             print(f"    {note}", flush=True)
         path.write_text(json.dumps(record, indent=1))  # after every run: a cut-off command keeps what ran
 
     parity.run_parity(model, task, config, backend_names, on_run=on_run, on_step=progress)
     return record
-
-
-def _window(steps: int) -> int:
-    return max(1, min(50, steps // 20))
-
-
-def _final(args: argparse.Namespace) -> int:
-    return max(1, min(100, args.steps // 20))
 
 
 class _Progress:
