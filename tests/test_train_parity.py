@@ -1,0 +1,87 @@
+"""End-to-end training parity on CPU: 30 steps of the pi0-style model, xla backend vs unpatched.
+
+Same parameters, batches and flow-matching noise for both runs (flashpatch.testing.parity), float32, so
+the loss sequences may differ only by the rounding of a different (blockwise) attention order. A broken
+attention must break the check, and the task must be learnable (the loss goes down).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+from flashpatch import backends
+from flashpatch.backends.xla import XlaBackend
+from flashpatch.testing import parity, pi0
+
+LAYOUT = pi0.Layout(cameras=(16, 16, 16), prompt=8, horizon=10, action_dim=8)  # T = 67, padding mid-sequence
+CONFIG = parity.TrainConfig(
+    steps=30,
+    batch=4,
+    learning_rate=3e-3,
+    # CPU compile time dominates a 30-step run; every run compiles at this same (lower) LLVM level.
+    compiler_options={"xla_backend_optimization_level": 0},
+)
+#: Largest allowed |loss_xla - loss_unpatched| / loss_unpatched over the 30 steps. Measured on CPU: 4.3e-7
+#: for this set-up (5.1e-7 with jax 0.5.3; 2.6e-7 to 4.1e-7 for task/init seeds 1-3); a 1% softmax-
+#: temperature error gives 3.9e-3 and ignoring the last key 2.0e-2. 1e-5 sits 20x above the first group
+#: and 390x below the second.
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = pi0.build(LAYOUT, width=32, depth=2, num_heads=4, head_dim=16, dtype="float32")
+    task = pi0.Task.create(LAYOUT, seed=100)
+    params = parity.init_params(model, task, CONFIG)
+    baseline = parity.train(model, task, params, CONFIG, None)
+    return model, task, params, baseline
+
+
+def test_xla_training_matches_unpatched(setup) -> None:
+    model, task, params, baseline = setup
+    patched = parity.train(model, task, params, CONFIG, "xla")
+    assert any("-> xla" in note for note in patched.notes), f"xla did not run: {patched.notes}"
+    gap = parity.compare(patched.losses, baseline.losses, window=1)
+    assert gap.max_rel_gap < TOLERANCE, f"loss curves differ by rel {gap.max_rel_gap:.2e} >= {TOLERANCE}"
+    first, last = baseline.losses[:5].mean(), baseline.losses[-5:].mean()
+    assert last < 0.8 * first, f"the task is not being learned: loss {first:.4f} -> {last:.4f}"
+
+
+class _WarmSoftmax(backends.Backend):
+    """A subtle bug: the softmax temperature is 1% off (a wrong scale)."""
+
+    name = "warm_softmax"
+
+    def attend(self, q, k, v, mask, plan, problem):
+        return XlaBackend().attend(q * 1.01, k, v, mask, plan, problem)
+
+
+def test_broken_attention_breaks_parity(setup, monkeypatch) -> None:
+    """A 1% softmax-temperature error must fail the check (grosser bugs are the conformance suite's)."""
+    model, task, params, baseline = setup
+    monkeypatch.setitem(backends._instances, "xla", _WarmSoftmax())
+    patched = parity.train(model, task, params, CONFIG, "xla")
+    gap = parity.compare(patched.losses, baseline.losses, window=1)
+    assert gap.max_rel_gap >= TOLERANCE, f"a broken attention passed the parity check (gap {gap.max_rel_gap:.2e})"
+
+
+def test_compare_treats_nan_as_an_infinite_gap() -> None:
+    gap = parity.compare(np.array([1.0, np.nan]), np.array([1.0, 1.0]), window=1)
+    assert gap.max_rel_gap == np.inf and gap.final_rel_diff == np.inf and not gap.identical
+
+
+def test_openpi_mode_skips_cleanly_without_openpi(monkeypatch, tmp_path, capsys) -> None:
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "openpi_parity.py"
+    spec = importlib.util.spec_from_file_location("openpi_parity", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setitem(sys.modules, "openpi", None)  # import openpi now raises ImportError
+    assert module.main(argparse.Namespace(out=tmp_path)) == 0
+    assert "openpi is not importable" in capsys.readouterr().out
+    assert not list(tmp_path.iterdir())
