@@ -9,9 +9,7 @@ must not be reused), so one jitted function serves the whole module and compiles
 from __future__ import annotations
 
 import contextlib
-import sys
 import threading
-import types
 
 import jax
 import jax.numpy as jnp
@@ -121,22 +119,7 @@ def test_thread_follows_install_while_another_disables(attend) -> None:
 # --- the mechanism, and which JAX offers which ---------------------------------------------------------
 
 
-def test_carrier_with_make_user_context() -> None:
-    fake_jax = types.SimpleNamespace(make_user_context=lambda default_value=None: None)
-    assert jit_cache.carrier_name(fake_jax) == "user_context"
-
-
-def test_carrier_without_make_user_context(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake_metadata = types.ModuleType("jax.experimental.xla_metadata")
-    fake_metadata.set_xla_metadata = lambda **_: None
-    monkeypatch.setitem(sys.modules, "jax.experimental.xla_metadata", fake_metadata)
-    assert jit_cache.carrier_name(types.SimpleNamespace()) == "xla_metadata"
-
-
-def test_carrier_missing_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "jax.experimental.xla_metadata", None)  # makes the import fail
-    with pytest.raises(ImportError, match=r"make_user_context .*xla_metadata"):
-        jit_cache.carrier_name(types.SimpleNamespace())
+# carrier_name's gate on fake jax modules: tests/test_jit_cache_carrier.py.
 
 
 def test_installed_jax_keys_its_caches_on_flashpatch() -> None:
