@@ -163,3 +163,43 @@ def test_tuning_table_covers_openpi_head_dim() -> None:
     short, long = kvax_tuning.choose(256, 1024), kvax_tuning.choose(256, 8192)
     assert short.max_len >= 1024 and long.max_len >= 8192
     assert kvax_tuning.choose(96, 100) is kvax_tuning.DEFAULT
+
+
+class _StructuredStandIn(kvax_backend.KvaxBackend):
+    """kvax's layout and fallback logic with a pure-JAX kernel, so it runs on CPU."""
+
+    platforms = ("cpu",)
+
+    def unsupported(self, problem):
+        return None
+
+    def attend(self, q, k, v, mask, plan, problem):
+        return kvax_backend.sorted_causal_attention(q, k, v, plan, kvax_tuning.DEFAULT).astype(problem.out_dtype)
+
+
+@pytest.mark.parametrize("structured", [True, False], ids=["openpi_mask", "arbitrary_mask"])
+def test_structured_backend_inside_the_scanned_stack(monkeypatch, structured: bool) -> None:
+    """Under openpi's nn.scan + remat stack, the kvax path runs, and a non-chain mask falls back once."""
+    import warnings
+
+    import flax.linen as nn
+
+    from flashpatch.testing import gemma, layouts
+
+    monkeypatch.setattr(kvax_backend, "_kvax_causal", _causal_by_positions)
+    monkeypatch.setitem(flashpatch.backends._instances, "kvax", _StructuredStandIn())
+    model = gemma.Module(configs=[gemma.get_config("tiny")], embed_dtype="float32", vocab_size=8)
+    layout = layouts.pi0(2, 20, actions=5, masked_image=1)
+    mask = layout.mask if structured else CASES["arbitrary"].mask[:, :, :21]
+    mask = jnp.asarray(mask[:, : mask.shape[-1], :])
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, mask.shape[1], 32))
+    positions = jnp.broadcast_to(jnp.arange(mask.shape[1]), mask.shape[:2])
+    params = nn.Module.init(model, jax.random.PRNGKey(1), [x], positions, mask)
+    run = jax.jit(lambda p, x, m: model.apply(p, [x], positions, m)[0][0])
+    ref = run(params, x, mask)
+    with warnings.catch_warnings(record=True) as seen, flashpatch.enable("kvax"):
+        warnings.simplefilter("always")
+        out = jax.block_until_ready(run(params, x, mask))
+    structure = [w for w in seen if "not block-causal" in str(w.message)]
+    assert len(structure) == (0 if structured else 1), [str(w.message) for w in seen]
+    assert rel_err(out, ref) < 1e-5

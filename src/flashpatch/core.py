@@ -102,13 +102,20 @@ def _flash(q, k, v, mask, backend, problem: Problem) -> jax.Array:
         out = lax.cond(
             plan.exact,
             lambda: backend.attend(q, k, v, mask, plan, problem),
-            lambda: _warned_fallback(backend.name, fallback.attend(q, k, v, mask, None, problem)),
+            lambda: fallback.attend(q, k, v, mask, None, problem),
         )
+        _warn_on_fallback(backend.name, plan.exact)
     fill = empty_row_value(v, problem.probs_dtype, problem.num_heads)
     return jnp.where(has_keys[:, :, None, None], out, fill)
 
 
-def _warned_fallback(backend_name: str, out: jax.Array) -> jax.Array:
+def _warn_on_fallback(backend_name: str, exact: jax.Array) -> None:
+    """Warn once, at run time, if a mask failed the structure check.
+
+    The callback sits in a conditional of its own that depends on the mask alone: flax's nn.scan
+    (openpi's layer stack) rejects effects in its body that depend on the carried activations.
+    """
+
     def say() -> None:
         diagnostics.warn_once(
             ("structure", backend_name),
@@ -116,8 +123,7 @@ def _warned_fallback(backend_name: str, out: jax.Array) -> jax.Array:
             f"the exact {STRUCTURE_FALLBACK} path ran for it",
         )
 
-    jax.debug.callback(say)
-    return out
+    lax.cond(exact, lambda: None, lambda: jax.debug.callback(say))
 
 
 def _report_difference(site: str, backend_name: str, out: jax.Array, ref: jax.Array) -> None:

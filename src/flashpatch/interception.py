@@ -13,6 +13,7 @@ class gets its original `__call__` back.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import sys
@@ -23,6 +24,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import wrapt
 
 from flashpatch import core, diagnostics, settings, targets
@@ -144,11 +146,40 @@ def _intercept(target, signature, instance, active: Settings, next_fun, args, kw
             f"{target.site}: the replacement would not reproduce the original ({reason}); the original runs",
         )
         return next_fun(*args, **kwargs)
+    if active.verify and not flax_scan_takes_effects():
+        diagnostics.warn_once(
+            ("verify", target.site),
+            f"{target.site}: verify mode cannot report from inside flax's nn.scan with this JAX and flax "
+            "(flax rejects callbacks in a scanned body); the patched calls run without the comparison",
+        )
+        active = dataclasses.replace(active, verify=False)
     if getattr(_local, "checking", False):
         attend = _shape_only_core  # the layout check traces abstractly; no backend choice, no messages
     else:
         attend = functools.partial(core.attention, settings=active, site=target.site)
     return target.adapter.forward(instance, arguments, attend)
+
+
+@functools.cache
+def flax_scan_takes_effects() -> bool:
+    """Whether a jax.debug.callback that reads activations may run inside flax's nn.scan here.
+
+    Verify mode reports through such a callback. With JAX 0.12 and flax 0.12.12 flax refuses it
+    ("broadcasted variable has a data dependency on the scan body"); JAX 0.10 and 0.5 accept it.
+    """
+
+    class Step(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            jax.debug.callback(lambda _: None, x)
+            return x, None
+
+    scanned = nn.scan(Step, variable_axes={}, in_axes=(nn.broadcast,), length=1)
+    try:
+        jax.eval_shape(lambda x: scanned().init_with_output(jax.random.PRNGKey(0), x, x), jnp.zeros(1))
+    except ValueError:
+        return False
+    return True
 
 
 def _shape_only_core(q, k, v, attn_mask, *, probs_dtype):
