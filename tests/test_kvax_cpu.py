@@ -203,3 +203,33 @@ def test_structured_backend_inside_the_scanned_stack(monkeypatch, structured: bo
     structure = [w for w in seen if "not block-causal" in str(w.message)]
     assert len(structure) == (0 if structured else 1), [str(w.message) for w in seen]
     assert rel_err(out, ref) < 1e-5
+
+
+def _lookup(found: dict[str, str]):
+    import importlib.metadata
+
+    def lookup(name: str) -> str:
+        if name not in found:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return found[name]
+
+    return lookup
+
+
+@pytest.mark.parametrize(
+    ("found", "expected"),
+    [
+        ({"jax": "0.11.2", "jax-triton": "0.3.1", "triton": "3.6.0"}, None),  # the H100 image
+        ({"jax": "0.5.3", "jax-triton": "0.2.0", "triton": "3.1.0"}, None),  # openpi's JAX, the one pair that compiles
+        ({"jax": "0.5.3", "jax-triton": "0.2.0", "triton": "3.3.1"}, "needs triton 3.1"),  # torch 2.7.1's triton
+        ({"jax": "0.10.2", "jax-triton": "0.3.1", "triton": "3.9.0"}, "triton >= 3.8"),
+        ({"jax": "0.12.0.1", "jax-triton": "0.4.1", "triton": "3.6.0"}, "JAX 0.12"),
+        ({"jax": "0.5.3"}, "needs jax-triton and triton"),
+    ],
+)
+def test_stack_problem_names_what_does_not_fit(found, expected) -> None:
+    problem = kvax_compat.stack_problem(_lookup(found))
+    if expected is None:
+        assert problem is None
+    else:
+        assert expected in problem

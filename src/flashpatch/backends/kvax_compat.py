@@ -29,6 +29,8 @@ from typing import Any
 
 import jax
 
+from flashpatch import versions
+
 _SHARD_MAP_MODULE = "jax.experimental.shard_map"
 _KERNEL_MODULE = "kvax.ops.flash_attention_triton"
 _CONSTEXPR_GLOBALS = ("LOG2_CONST", "NEG_INF")
@@ -67,8 +69,37 @@ def load() -> Kvax:
         return _loaded
 
 
+#: Stacks on which kvax 0.1.0 is known not to work, with the evidence: (jax spec, jax-triton spec,
+#: triton spec, why). Ran on the H100: jax 0.11.2 + jax-triton 0.3.1 + triton 3.6.0. The other rows
+#: come from compiling kvax's kernels to PTX on CPU (tools/kvax_lowering_probe.py, 2026-11-25,
+#: docs/supported-versions.md).
+KNOWN_BAD = (
+    ("<0.6", "!=0.2.0", "", "on JAX < 0.6 only jax-triton 0.2.0 installs (0.3 wants JAX >= 0.6)"),
+    ("<0.6", "==0.2.0", ">=3.2", "jax-triton 0.2.0 breaks with triton >= 3.2; it needs triton 3.1"),
+    (">=0.6,<0.12", "", ">=3.8", "kvax 0.1.0's kernels do not compile with triton >= 3.8"),
+    (">=0.12", "", "", "jax-triton fails inside its own lowering on JAX 0.12"),
+)
+
+
+def stack_problem(lookup=None) -> str | None:
+    """Why the installed jax / jax-triton / triton cannot run kvax, from their versions alone; or None."""
+    found = versions.stack(("jax", "jax-triton", "triton"), lookup)
+    missing = [name for name, version in found.items() if version is None]
+    if missing:
+        return f"kvax needs {' and '.join(missing)} installed"
+    for jax_spec, jt_spec, triton_spec, why in KNOWN_BAD:
+        specs = zip(("jax", "jax-triton", "triton"), (jax_spec, jt_spec, triton_spec), strict=True)
+        if all(not spec or versions.satisfies(found[name], spec) for name, spec in specs):
+            stack = ", ".join(f"{name} {version}" for name, version in found.items())
+            return f"no working kvax stack here ({stack}): {why}"
+    return None
+
+
 def load_error() -> str | None:
     """Why kvax cannot be used here, or None (imports kvax if not done yet)."""
+    problem = stack_problem()
+    if problem is not None:
+        return problem
     try:
         load()
     except ImportError as err:
