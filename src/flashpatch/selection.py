@@ -16,7 +16,7 @@ from flashpatch.backends.base import Problem
 
 #: On CPU the einsum beats the blockwise path while the logits are small; past this many (query,
 #: key) pairs per head the blockwise path is chosen for its O(T) memory. See docs/selection.md.
-CPU_MIN_PAIRS_FOR_XLA = 512 * 512
+CPU_MIN_PAIRS_FOR_XLA = 1536 * 1536
 
 
 @dataclasses.dataclass(frozen=True)
