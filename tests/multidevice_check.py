@@ -5,8 +5,8 @@ JAX starts (XLA_FLAGS=--xla_force_host_platform_device_count=4; PYTHONPATH with 
 Prints one JSON object.
 
 The mesh is openpi's: ("batch", "fsdp") of shape (devices // fsdp, fsdp). Parameters are sharded
-as openpi's `fsdp_sharding` does (largest axis divisible by the fsdp size; no size floor here, so
-the toy weights are really split), the batch over both axes. Each mesh mode (openpi's global,
+by openpi's FSDP rule (largest axis divisible by the fsdp size; no size floor here, so the toy
+weights are really split), the batch over both axes. Each mesh mode (openpi's global,
 JAX's context, `with mesh:`) runs the float32 model unpatched and with flashpatch's xla backend
 (and, under openpi's global, kvax's code path with a plain-JAX kernel in place of Triton, and a
 deliberately broken attention that the test must catch), and reports the rel.err of outputs and
@@ -52,33 +52,6 @@ DATA = P(sharding.DATA_AXIS)
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 
 
-def openpi_mesh() -> jax.sharding.Mesh:
-    """openpi's make_mesh, with Auto axes on every JAX.
-
-    openpi's pinned JAX (0.5.3) makes Auto axes; newer `jax.make_mesh` makes Explicit ones, under
-    which openpi's own activation_sharding_constraint is refused by with_sharding_constraint.
-    """
-    axis_type = getattr(jax.sharding, "AxisType", None)
-    kwargs = {"axis_types": (axis_type.Auto,) * 2} if axis_type is not None else {}
-    return jax.make_mesh((jax.device_count() // FSDP, FSDP), sharding.DATA_AXIS, **kwargs)
-
-
-def fsdp_shardings(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-    """openpi's FSDP rule: split the largest axis divisible by the fsdp size; vectors replicated."""
-    size = mesh.shape[sharding.FSDP_AXIS]
-
-    def one(leaf) -> NamedSharding:
-        spec = [None] * leaf.ndim
-        if leaf.ndim >= 2:
-            for axis in np.argsort(leaf.shape)[::-1]:
-                if leaf.shape[axis] % size == 0:
-                    spec[axis] = sharding.FSDP_AXIS
-                    break
-        return NamedSharding(mesh, P(*spec))
-
-    return jax.tree.map(one, tree)
-
-
 def inputs(mesh: jax.sharding.Mesh) -> tuple:
     model = gemma.Module(configs=CONFIGS, embed_dtype="float32", vocab_size=32)
     layout = layouts.pi0(BATCH, PREFIX, actions=ACTIONS, masked_image=1, seed=0)
@@ -89,7 +62,7 @@ def inputs(mesh: jax.sharding.Mesh) -> tuple:
     positions, mask = layout.positions, layout.mask
     shapes = jax.eval_shape(lambda: nn.Module.init(model, jax.random.PRNGKey(0), [prefix, actions], positions, mask))
     params = jax.tree.map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
-    params = jax.device_put(params, fsdp_shardings(params, mesh))
+    params = jax.device_put(params, sharding.fsdp_sharding(params, mesh, min_size_mbytes=0))
     batch = jax.device_put((prefix, actions, positions, mask), NamedSharding(mesh, DATA))
     return model, (params, *batch)
 
@@ -270,9 +243,13 @@ def main() -> None:
             f"needs {DEVICES} devices (XLA_FLAGS=--xla_force_host_platform_device_count); got {jax.device_count()}"
         )
     register()
-    mesh = openpi_mesh()
+    mesh = sharding.make_mesh(FSDP)
     model, args = inputs(mesh)
     report: dict[str, Any] = {"jax": jax.__version__, "mesh": describe(mesh), "modes": {}}
+    report["param_specs"] = {
+        jax.tree_util.keystr(path): [list(e) if isinstance(e, tuple) else e for e in leaf.sharding.spec]
+        for path, leaf in jax.tree_util.tree_flatten_with_path(args[0])[0]
+    }
     modes = mesh_modes(mesh)
     for name, mode in modes.items():
         seen: list = []

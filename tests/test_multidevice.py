@@ -82,6 +82,14 @@ def test_outputs_stay_batch_sharded_and_no_collectives_are_added(report: dict, m
     assert result["collectives"]["patched"] == result["collectives"]["unpatched"]
 
 
+def test_parameters_are_split_by_openpi_fsdp_rule(report: dict) -> None:
+    """Largest dimension the fsdp size divides; vectors replicated (the toy model has no size floor)."""
+    specs = report["param_specs"]
+    assert specs["['params']['layers']['attn']['q_einsum']['w']"] == [None, None, "fsdp", None]  # (2, 4, 64, 16)
+    assert specs["['params']['layers']['mlp']['linear']"] == [None, "fsdp", None]  # (2, 128, 64)
+    assert specs["['params']['final_norm']['scale']"] == [None]
+
+
 def test_a_broken_attention_is_caught(report: dict) -> None:
     """The comparison can fail: attending padding keys moves every metric far past TOL."""
     broken = report["broken_xla"]
