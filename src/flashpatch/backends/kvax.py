@@ -14,6 +14,7 @@ finite in both passes; the core replaces their output by openpi's value and thei
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -99,20 +100,41 @@ def _pad(x: jax.Array, pos: jax.Array, block: int, fill: int) -> tuple[jax.Array
     return x, pos
 
 
-def _kvax_causal(q, k, v, q_pos, k_pos, tuning: kvax_tuning.Tuning) -> jax.Array:
-    """kvax flash attention where query i attends key j iff k_pos[j] <= q_pos[i]."""
-    lib = kvax_compat.load()
-    mesh = meshes.active_mesh()
+class KvaxSharding(NamedTuple):
+    """How kvax splits a call over devices: the mesh its shard_maps run on and their specs.
+
+    Specs are kvax's tuples over (batch, sequence, heads, head_dim) for q and for k/v.
+    """
+
+    mesh: jax.sharding.Mesh
+    query_spec: tuple
+    kv_spec: tuple
+
+
+def kvax_specs(mesh: jax.sharding.Mesh | None) -> KvaxSharding:
+    """kvax's sharding for a call under `mesh` (None: no mesh in force, so one device).
+
+    The batch is split over the mesh's data axes (openpi's ("batch", "fsdp"), else all axes) and
+    nothing else is split: openpi shards activations that way, so kvax needs no resharding. The
+    mesh gets Auto axes (kvax's shard_map rejects Explicit ones; same devices and names).
+    """
     mesh = meshes.single_device_mesh() if mesh is None else kvax_compat.auto_axes_mesh(mesh)
     batch = meshes.batch_axes(mesh)
     spec = (batch if len(batch) > 1 else batch[0], None, None, None)
+    return KvaxSharding(mesh, spec, spec)
+
+
+def _kvax_causal(q, k, v, q_pos, k_pos, tuning: kvax_tuning.Tuning) -> jax.Array:
+    """kvax flash attention where query i attends key j iff k_pos[j] <= q_pos[i]."""
+    lib = kvax_compat.load()
+    mesh, query_spec, kv_spec = kvax_specs(meshes.active_mesh())
     fwd = lib.params(tuning.forward.query, tuning.forward.kv, tuning.forward.warps, tuning.forward.stages)
     bwd = lib.params(tuning.backward.query, tuning.backward.kv, tuning.backward.warps, tuning.backward.stages)
 
     def call(q, k, v, q_pos, k_pos):
         seg_q = jnp.zeros_like(q_pos)
         seg_k = jnp.zeros_like(k_pos)
-        with lib.attention_specs(query_specs=spec, kv_specs=spec):
+        with lib.attention_specs(query_specs=query_spec, kv_specs=kv_spec):
             block_mask = lib.create_attention_mask(
                 q_pos, seg_q, k_pos, seg_k, fwd_params=fwd, bwd_params=bwd, calc_bwd_mask=True, mesh=mesh
             )

@@ -11,6 +11,10 @@ kvax or JAX release that fixes it upstream simply skips it):
    kernel module that are annotated constexpr are rewrapped as `tl.constexpr` values.
 3. `jax.make_mesh` makes Explicit axes on new JAX, which kvax's shard_map rejects:
    `auto_axes_mesh` rebuilds a mesh with the same devices and axis names and Auto axes.
+4. kvax's shard_map turns a spec tuple into a PartitionSpec only when its first entry is one axis
+   name or None, so a batch split over several axes (openpi's ("batch", "fsdp")) reaches JAX as a
+   nested tuple and is refused: kvax's modules get a shard_map that reads such entries
+   (`fix_multi_axis_specs`).
 
 Applied once, on first use, on GPU only (jax-triton refuses to import without a GPU JAX).
 """
@@ -24,7 +28,7 @@ import sys
 import threading
 import types
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
@@ -34,6 +38,7 @@ from flashpatch import versions
 _SHARD_MAP_MODULE = "jax.experimental.shard_map"
 _KERNEL_MODULE = "kvax.ops.flash_attention_triton"
 _CONSTEXPR_GLOBALS = ("LOG2_CONST", "NEG_INF")
+_SHARDING_MODULE = "kvax.utils.sharding"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +126,9 @@ def _import_fixed() -> Kvax:
     wrapped = wrap_constexpr_globals(kernels, tl.constexpr, _CONSTEXPR_GLOBALS)
     if wrapped:
         fixes.append(f"constexpr globals: {', '.join(wrapped)}")
+    kvax_modules = [m for n, m in list(sys.modules.items()) if n.startswith("kvax.") and m is not None]
+    if fix_multi_axis_specs(sys.modules[_SHARDING_MODULE], kvax_modules):
+        fixes.append("shard_map reads multi-axis spec entries")
     return Kvax(
         flash_attention=ops.flash_attention,
         create_attention_mask=ops.create_attention_mask,
@@ -199,3 +207,66 @@ def auto_axes_mesh(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
     if axis_types is None or auto is None or all(t == auto for t in axis_types):
         return mesh
     return jax.sharding.Mesh(mesh.devices, mesh.axis_names)
+
+
+def fix_multi_axis_specs(sharding: types.ModuleType, modules: Iterable[types.ModuleType]) -> bool:
+    """Give `modules` that use kvax's shard_map one that reads multi-axis entries (False: not needed).
+
+    `sharding` is kvax's `kvax.utils.sharding`; the replacement keeps its signature and calls the
+    same JAX shard_map with the same mesh, only the specs are converted correctly.
+    """
+    kvax_shard_map = getattr(sharding, "shard_map", None)
+    if kvax_shard_map is None or reads_multi_axis_specs(sharding):
+        return False
+    find_mesh = getattr(sharding, "_check_mesh_or_get_global", lambda mesh: mesh)
+
+    def shard_map(f, in_specs, out_specs, mesh=None):
+        return sharding.jax_shard_map(
+            f,
+            mesh=find_mesh(mesh),
+            in_specs=partition_specs(in_specs),
+            out_specs=partition_specs(out_specs),
+            check_rep=False,
+        )
+
+    for module in (sharding, *modules):
+        if getattr(module, "shard_map", None) is kvax_shard_map:
+            module.shard_map = shard_map
+    return True
+
+
+def reads_multi_axis_specs(sharding: types.ModuleType) -> bool:
+    """Whether kvax's shard_map passes ((a, b), None) on as PartitionSpec((a, b), None).
+
+    Probed with JAX's shard_map swapped for a recorder; a kvax without that hook counts as fine
+    (nothing to fix that this fix knows how to).
+    """
+    if not hasattr(sharding, "jax_shard_map"):
+        return True
+    seen = {}
+    real = sharding.jax_shard_map
+    sharding.jax_shard_map = lambda f, **kwargs: seen.update(kwargs)
+    try:
+        sharding.shard_map(len, in_specs=((("a", "b"), None),), out_specs=(("a", "b"), None), mesh="mesh")
+    finally:
+        sharding.jax_shard_map = real
+    wanted = jax.sharding.PartitionSpec(("a", "b"), None)
+    got = [*seen.get("in_specs", [None]), seen.get("out_specs")]
+    # isinstance first: PartitionSpec is a tuple on older JAX, equal to the wrong nested tuple
+    return all(isinstance(spec, jax.sharding.PartitionSpec) and spec == wanted for spec in got)
+
+
+def partition_specs(specs: Any) -> Any:
+    """kvax's spec tuples, possibly nested in tuples and lists, as PartitionSpecs (None stays None)."""
+    return jax.tree.map(lambda spec: jax.sharding.PartitionSpec(*spec), specs, is_leaf=_is_spec)
+
+
+def _is_spec(node: Any) -> bool:
+    """A spec is a tuple whose entries are each None, an axis name or a tuple of axis names."""
+
+    def entry(e: Any) -> bool:
+        return (
+            e is None or isinstance(e, str) or (isinstance(e, tuple) and bool(e) and all(isinstance(a, str) for a in e))
+        )
+
+    return isinstance(node, tuple) and all(entry(e) for e in node)

@@ -1,11 +1,17 @@
-"""openpi keeps its training mesh in a global of its own; so do these modules (same API)."""
+"""openpi keeps its training mesh in a global of its own; so do these modules (same API).
+
+`make_mesh` and `fsdp_sharding` follow openpi's `openpi.training.sharding` (same rules), for tests
+and GPU scripts that train the fixture models as openpi does.
+"""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import jax
+import numpy as np
 
 BATCH_AXIS = "batch"
 FSDP_AXIS = "fsdp"
@@ -33,3 +39,39 @@ def activation_sharding_constraint(tree):
         return tree
     spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(DATA_AXIS))
     return jax.lax.with_sharding_constraint(tree, spec)
+
+
+def make_mesh(num_fsdp_devices: int) -> jax.sharding.Mesh:
+    """openpi's ("batch", "fsdp") mesh of shape (devices // fsdp, fsdp), with Auto axes.
+
+    openpi's pinned JAX (0.5.3) makes Auto axes; newer `jax.make_mesh` makes Explicit ones, under
+    which `activation_sharding_constraint` is refused (with_sharding_constraint wants Auto axes).
+    """
+    devices = jax.device_count()
+    if num_fsdp_devices < 1 or devices % num_fsdp_devices:
+        raise ValueError(f"num_fsdp_devices must divide the device count {devices}; got {num_fsdp_devices}")
+    axis_type = getattr(jax.sharding, "AxisType", None)
+    kwargs = {"axis_types": (axis_type.Auto,) * 2} if axis_type is not None else {}
+    return jax.make_mesh((devices // num_fsdp_devices, num_fsdp_devices), DATA_AXIS, **kwargs)
+
+
+def fsdp_sharding(tree: Any, mesh: jax.sharding.Mesh, *, min_size_mbytes: float = 4) -> Any:
+    """NamedShardings for a tree of arrays (or ShapeDtypeStructs), by openpi's FSDP rule.
+
+    Arrays of two or more dimensions and at least `min_size_mbytes` MiB are split over "fsdp" along
+    their largest dimension that the fsdp size divides; everything else is replicated.
+    """
+    size = mesh.shape[FSDP_AXIS]
+    min_bytes = min_size_mbytes * 2**20
+
+    def one(leaf) -> jax.sharding.NamedSharding:
+        spec: list[str | None] = [None] * len(leaf.shape)
+        big = len(leaf.shape) >= 2 and np.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize >= min_bytes
+        if size > 1 and big:
+            for axis in np.argsort(leaf.shape)[::-1]:
+                if leaf.shape[axis] % size == 0:
+                    spec[axis] = FSDP_AXIS
+                    break
+        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+
+    return jax.tree.map(one, tree)
