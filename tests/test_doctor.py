@@ -14,7 +14,9 @@ SRC = pathlib.Path(flashpatch.__file__).resolve().parents[1]
 
 def _run(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(SRC), JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "flashpatch", *args], env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "flashpatch", *args], env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_doctor_reports_versions_targets_and_the_choice() -> None:

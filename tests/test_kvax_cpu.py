@@ -153,6 +153,7 @@ def test_kvax_import_failure_is_a_reason_not_a_crash(monkeypatch) -> None:
         raise RuntimeError("jax-triton refuses to import without a GPU")
 
     monkeypatch.setattr(kvax_compat, "_import_fixed", boom)
+    monkeypatch.setattr(kvax_compat, "stack_problem", lambda: None)  # a stack whose versions look fine
     reason = kvax_compat.load_error()
     assert reason.startswith("kvax cannot be imported") and "jax-triton" in reason
     with pytest.raises(ImportError, match="jax-triton"):
