@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flashpatch.backends.xla import XlaBackend
+
 
 def rel_err(out, ref, rows=None) -> float:
     """||out - ref|| / ||ref|| in float32, over the rows selected by `rows` (broadcast) if given."""
@@ -66,3 +68,15 @@ FAST_COMPILE = _accepted(_FAST_COMPILE_WANTED)
 def fast_jit(fn, **kwargs):
     """jax.jit with FAST_COMPILE, for tests whose time goes into compiling."""
     return jax.jit(fn, compiler_options=FAST_COMPILE, **kwargs)
+
+
+class CountingXla(XlaBackend):
+    """The xla backend, counting the attention calls traced through it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def attend(self, q, k, v, mask, plan, problem):
+        self.calls += 1
+        return super().attend(q, k, v, mask, plan, problem)

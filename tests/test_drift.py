@@ -21,11 +21,10 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-from helpers import fast_jit
+from helpers import CountingXla, fast_jit
 
 import flashpatch
 from flashpatch import backends, interception
-from flashpatch.backends.xla import XlaBackend
 from flashpatch.testing import gemma, gemma_fast, layouts
 
 EXPERT = gemma.get_config("tiny")
@@ -95,16 +94,6 @@ def _init_and_call(attention: nn.Module, arguments: tuple):
     return jax.device_get(fast_jit(lambda key: attention.init_with_output(key, *arguments))(jax.random.PRNGKey(0)))
 
 
-class _Counting(XlaBackend):
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
-
-    def attend(self, q, k, v, mask, plan, problem):
-        self.calls += 1
-        return super().attend(q, k, v, mask, plan, problem)
-
-
 @dataclasses.dataclass
 class Outcome:
     warnings: list[str]  # FlashpatchWarning messages
@@ -117,7 +106,7 @@ class Outcome:
 def _run(monkeypatch, module: types.ModuleType, kind: str, *, register_inside: bool = False) -> Outcome:
     """Register module.Attention, init and call it with flashpatch on and off, then trace it once
     more at another length in a second enable() block (a new layout check, no new warning)."""
-    counter = _Counting()
+    counter = CountingXla()
     monkeypatch.setitem(backends._instances, "xla", counter)
     attention = _attention(module, kind)
     site = f"{module.__name__}.Attention"

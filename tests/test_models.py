@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from flax.nnx import bridge as nnx_bridge
-from helpers import TOL, assert_finite, fast_jit, rel_err
+from helpers import TOL, CountingXla, assert_finite, fast_jit, rel_err
 
 import flashpatch
 from flashpatch import backends, core, interception
@@ -454,18 +454,6 @@ class _DropsLastAttendedKey(XlaBackend):
         return super().attend(q, k, v, mask & (jnp.arange(kv_len) != last[..., None]), plan, problem)
 
 
-class _Counting(XlaBackend):
-    """The xla backend, counting the attention calls traced through it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
-
-    def attend(self, q, k, v, mask, plan, problem):
-        self.calls += 1
-        return super().attend(q, k, v, mask, plan, problem)
-
-
 #: One scenario per path through the adapters (LoRA adds nothing there).
 BREAKABLE = ["pi0", "pi05", "pi0_kv_cache", "fast", "fast_decode"]
 
@@ -503,7 +491,7 @@ def test_fully_masked_rows_matter_downstream(monkeypatch) -> None:
 @pytest.mark.parametrize("model", ["pi05_lora", "fast_lora"])
 def test_init_creates_the_same_parameters(monkeypatch, model: str) -> None:
     """Same names, shapes, dtypes and values (adaRMS and LoRA included; gemma_fast through openpi's init())."""
-    counter = _Counting()
+    counter = CountingXla()
     monkeypatch.setitem(backends._instances, "xla", counter)
     with flashpatch.enable("xla"):
         patched = jax.device_get(_initializer(model)(jax.random.PRNGKey(0)))
@@ -544,7 +532,7 @@ def _load_pure_dict(state, pure: dict) -> None:
 def test_through_nnx_bridge(monkeypatch) -> None:
     """openpi's Pi0 holds its Gemma as nnx_bridge.ToNNX(module), created with lazy_init(method="init")
     under nnx.eval_shape, and loads parameters into that state."""
-    counter = _Counting()
+    counter = CountingXla()
     monkeypatch.setitem(backends._instances, "xla", counter)
     name = "pi05"
     model = SCENARIOS[name].build("float32")
@@ -575,7 +563,7 @@ def test_through_nnx_bridge(monkeypatch) -> None:
 
 def test_under_vmap(monkeypatch) -> None:
     """vmap over examples (each a batch of one) gives what the batched model gives."""
-    counter = _Counting()
+    counter = CountingXla()
     monkeypatch.setitem(backends._instances, "xla", counter)
     name = "pi0"
     scenario = SCENARIOS[name]
