@@ -54,7 +54,9 @@ def test_other_variables_are_not_read_while_off() -> None:
 
 
 def test_bad_backend_names_the_argument() -> None:
-    with pytest.raises(ValueError, match=r"backend must be one of auto, reference, xla, kvax, cudnn; got 'nope'"):
+    with pytest.raises(
+        ValueError, match=r"backend must be one of auto, reference, xla, kvax, cudnn, cudnn_split; got 'nope'"
+    ):
         Settings(backend="nope")
 
 
@@ -87,3 +89,9 @@ def test_install_from_env() -> None:
         flashpatch.uninstall()
     assert flashpatch.install_from_env({"FLASHPATCH": "off"}) is None
     assert flashpatch.installed() is None
+
+
+def test_backend_names_follow_the_registry() -> None:
+    from flashpatch import backends
+
+    assert ("auto", *backends.names()) == settings.BACKEND_NAMES

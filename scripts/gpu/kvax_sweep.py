@@ -256,7 +256,7 @@ def main() -> None:
             plan = masks.analyze(mask[:, 0])
             tuning = kvax_tuning.choose(256, length)
             q_order, k_order, q_pos, k_pos = kvax_backend.causal_layout(plan)
-            g = kvax_backend._gather
+            g = masks.gather_rows
             sorted_sets = [(g(q, q_order), g(k, k_order), g(v, k_order)) for q, k, v, _ in sets]
             bare = jax.jit(lambda q, k, v: kvax_backend._kvax_causal(q, k, v, q_pos, k_pos, tuning))
             full = jax.jit(attention_fn("kvax"))

@@ -63,3 +63,9 @@ def query_order(plan: MaskPlan) -> jax.Array:
 def inverse(order: jax.Array) -> jax.Array:
     """The permutation that undoes `order` along the last axis."""
     return jnp.argsort(order, axis=-1)
+
+
+def gather_rows(x: jax.Array, order: jax.Array) -> jax.Array:
+    """x (B, L, ...) with rows taken in `order` (B, L') per batch row."""
+    index = order.reshape(order.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, index, axis=1)

@@ -17,7 +17,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--flashpatch-backend",
         default="auto",
         metavar="NAME",
-        help="backend for --flashpatch: auto (default), reference, xla, kvax, cudnn",
+        help="backend for --flashpatch: auto (default), reference, xla, kvax, cudnn, cudnn_split",
     )
 
 

@@ -12,7 +12,7 @@ import os
 import threading
 from collections.abc import Mapping
 
-BACKEND_NAMES = ("auto", "reference", "xla", "kvax", "cudnn")
+BACKEND_NAMES = ("auto", "reference", "xla", "kvax", "cudnn", "cudnn_split")
 _TRUE = ("1", "true", "on", "yes")
 _FALSE = ("0", "false", "off", "no", "")
 

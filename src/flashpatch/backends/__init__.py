@@ -13,6 +13,7 @@ _FACTORIES = {
     "xla": "flashpatch.backends.xla:XlaBackend",
     "kvax": "flashpatch.backends.kvax:KvaxBackend",
     "cudnn": "flashpatch.backends.cudnn:CudnnBackend",
+    "cudnn_split": "flashpatch.backends.cudnn_split:CudnnSplitBackend",
 }
 _instances: dict[str, Backend] = {}
 _lock = threading.Lock()

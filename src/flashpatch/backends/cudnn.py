@@ -136,6 +136,13 @@ def dense_mask(mask: jax.Array) -> jax.Array:
     return mask | (empty & (jnp.arange(mask.shape[2]) == 0))
 
 
+def even_rows(x: jax.Array) -> jax.Array:
+    """x (B, L, ...) with one zero row appended along L where L is odd."""
+    if x.shape[1] % 2 == 0:
+        return x
+    return jnp.pad(x, ((0, 0), (0, 1)) + ((0, 0),) * (x.ndim - 2))
+
+
 def pad_to_even(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array):
     """Append one zero query row / key, masked out, where T / S is odd.
 
@@ -143,12 +150,7 @@ def pad_to_even(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array):
     passes for "no bias" as a bias), with a dense mask or with sequence lengths alike.
     """
     pad_t, pad_s = q.shape[1] % 2, k.shape[1] % 2
-    if pad_t:
-        q = jnp.pad(q, ((0, 0), (0, 1), (0, 0), (0, 0)))
-    if pad_s:
-        k = jnp.pad(k, ((0, 0), (0, 1), (0, 0), (0, 0)))
-        v = jnp.pad(v, ((0, 0), (0, 1), (0, 0), (0, 0)))
-    return q, k, v, jnp.pad(mask, ((0, 0), (0, pad_t), (0, pad_s)))
+    return even_rows(q), even_rows(k), even_rows(v), jnp.pad(mask, ((0, 0), (0, pad_t), (0, pad_s)))
 
 
 def cudnn_attention(

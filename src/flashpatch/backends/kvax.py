@@ -19,7 +19,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from flashpatch import meshes
+from flashpatch import masks, meshes
 from flashpatch.backends import kvax_compat, kvax_tuning
 from flashpatch.backends.base import Backend, Problem
 from flashpatch.masks import MaskPlan
@@ -70,10 +70,6 @@ def causal_layout(plan: MaskPlan):
     return q_order, k_order, q_pos, k_pos
 
 
-def _gather(x: jax.Array, order: jax.Array) -> jax.Array:
-    return jnp.take_along_axis(x, order[:, :, None, None], axis=1)
-
-
 def sorted_causal_attention(q, k, v, plan: MaskPlan, tuning: kvax_tuning.Tuning) -> jax.Array:
     q_order, k_order, q_pos, k_pos = causal_layout(plan)
     q_len, kv_len = q.shape[1], k.shape[1]
@@ -82,11 +78,11 @@ def sorted_causal_attention(q, k, v, plan: MaskPlan, tuning: kvax_tuning.Tuning)
     # everything and stay finite; no real row reaches a padded key), and cut the padding off after.
     block = max(tuning.forward.query, tuning.forward.kv, tuning.backward.query, tuning.backward.kv)
     beyond = kv_len + 2
-    q_sorted, q_pos = _pad(_gather(q, q_order), q_pos, block, beyond)
-    k_sorted, k_pos = _pad(_gather(k, k_order), k_pos, block, beyond)
-    v_sorted, _ = _pad(_gather(v, k_order), k_pos, block, beyond)
+    q_sorted, q_pos = _pad(masks.gather_rows(q, q_order), q_pos, block, beyond)
+    k_sorted, k_pos = _pad(masks.gather_rows(k, k_order), k_pos, block, beyond)
+    v_sorted, _ = _pad(masks.gather_rows(v, k_order), k_pos, block, beyond)
     out = _kvax_causal(q_sorted, k_sorted, v_sorted, q_pos, k_pos, tuning)[:, :q_len]
-    return _gather(out, jnp.argsort(q_order, axis=-1))
+    return masks.gather_rows(out, masks.inverse(q_order))
 
 
 def _pad(x: jax.Array, pos: jax.Array, block: int, fill: int) -> tuple[jax.Array, jax.Array]:

@@ -1,0 +1,177 @@
+"""openpi's training masks through cuDNN without a dense mask: one shared block, one short tail.
+
+A dense (B, T, S) mask costs cuDNN most of its speed (issue 9: 5.1 ms fwd+bwd at B=2, T=S=4096
+against 2.9 ms with no mask at all), while sequence lengths cost it nothing. In chain form
+(`flashpatch.masks`) with keys sorted by threshold, row i of an openpi mask attends the first
+rank[i] keys, and the rows with the smallest positive rank are one large group: pi0's and
+pi0.5's prefix (images and prompt), pi0-FAST's bidirectional prefix. So, per batch row:
+
+- head: the rows of least rank, moved to the front (a stable sort of rows by rank), attend the
+  first `head_keys` sorted keys: exactly cuDNN's padding mask, given as sequence lengths;
+- tail: the remaining rows that attend keys (pi0's state and action tokens, at most
+  `TAIL_ROWS`) are gathered into a (B, TAIL_ROWS) slab and computed with their own mask rows,
+  densely, on (B, N, TAIL_ROWS, S) logits;
+- rows that attend nothing are left to the caller (openpi's mean of V).
+
+A mask whose tail is longer than `TAIL_ROWS` in some batch row (a long causal suffix) takes the
+`cudnn` backend's exact dense path instead, chosen in-graph, with one warning.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from flashpatch import diagnostics, masks
+from flashpatch.backends import cudnn
+from flashpatch.backends.base import Backend, Problem
+from flashpatch.backends.reference import reference_attention
+from flashpatch.masks import MaskPlan
+
+#: Rows after the shared block that one call takes. openpi's suffixes: pi0 51 (state + 50 actions),
+#: pi0.5 up to 50; more rows fall back to the dense path.
+TAIL_ROWS = 64
+TAIL_MODES = ("einsum", "cudnn")
+
+
+class Split(NamedTuple):
+    """Where the head and the tail of each batch row lie once rows and keys are sorted."""
+
+    q_order: jax.Array  # (B, T): head rows, then tail rows by rank, then rows with no key
+    k_order: jax.Array  # (B, S): keys sorted by threshold; the head attends the first head_keys
+    head_rows: jax.Array  # (B,) int32
+    head_keys: jax.Array  # (B,) int32
+    tail_rows: jax.Array  # (B,) int32
+    fits: jax.Array  # () bool: every tail has at most `tail_max` rows
+    tail_max: int  # static: rows of the tail slab
+
+
+def split(plan: MaskPlan, tail_max: int = TAIL_ROWS) -> Split:
+    """The head/tail split of a mask in chain form (`plan.exact` is the caller's to check)."""
+    kv_len = plan.threshold.shape[-1]
+    attends = plan.rank > 0
+    order_key = jnp.where(attends, plan.rank, kv_len + 1)
+    least = jnp.min(order_key, axis=-1, keepdims=True)
+    head = attends & (plan.rank == least)
+    head_rows = jnp.sum(head, axis=-1, dtype=jnp.int32)
+    tail_rows = jnp.sum(attends, axis=-1, dtype=jnp.int32) - head_rows
+    return Split(
+        q_order=jnp.argsort(order_key, axis=-1, stable=True),
+        k_order=masks.key_order(plan),
+        head_rows=head_rows,
+        head_keys=jnp.where(head_rows > 0, least[:, 0], 0).astype(jnp.int32),
+        tail_rows=tail_rows,
+        fits=jnp.all(tail_rows <= tail_max),
+        tail_max=tail_max,
+    )
+
+
+def _prefix_rows(x: jax.Array, lengths: jax.Array) -> jax.Array:
+    """x (B, L, ...) with rows at and after lengths[b] zeroed (so NaN there cannot reach cuDNN)."""
+    keep = jnp.arange(x.shape[1])[None, :] < lengths[:, None]
+    return jnp.where(keep.reshape(keep.shape + (1,) * (x.ndim - 2)), x, jnp.zeros((), x.dtype))
+
+
+def head_attention(q, k, v, parts: Split, implementation: str) -> jax.Array:
+    """(B, T, N, H) in sorted row order; rows [0, head_rows) are the head's, the rest are unused."""
+    q_s = _prefix_rows(masks.gather_rows(q, parts.q_order), parts.head_rows).astype(k.dtype)
+    k_s = _prefix_rows(masks.gather_rows(k, parts.k_order), parts.head_keys)
+    v_s = _prefix_rows(masks.gather_rows(v, parts.k_order), parts.head_keys)
+    out = jax.nn.dot_product_attention(
+        *(cudnn.even_rows(x) for x in (q_s, k_s, v_s)),
+        scale=1.0,
+        query_seq_lengths=jnp.maximum(parts.head_rows, 1),
+        key_value_seq_lengths=jnp.maximum(parts.head_keys, 1),
+        implementation=implementation,
+    )
+    return out[:, : q.shape[1]]
+
+
+def tail_rows(parts: Split) -> tuple[jax.Array, jax.Array]:
+    """(B, tail_max) original indices of each batch row's tail rows, and which of them are real."""
+    slot = jnp.arange(parts.tail_max)[None, :]
+    sorted_pos = jnp.minimum(parts.head_rows[:, None] + slot, parts.q_order.shape[1] - 1)
+    rows = jnp.take_along_axis(parts.q_order, sorted_pos, axis=-1)
+    return rows, slot < parts.tail_rows[:, None]
+
+
+def tail_attention(q, k, v, mask, rows, real, problem: Problem, mode: str, implementation: str) -> jax.Array:
+    """(B, tail_max, N, H) for the gathered tail rows, each with its own mask row."""
+    q_t = masks.gather_rows(q, rows)
+    mask_t = jnp.take_along_axis(mask, rows[:, :, None], axis=1) & real[:, :, None]
+    if mode == "cudnn":
+        return cudnn.cudnn_attention(
+            q_t, k, v, mask_t, problem.out_dtype, use_seq_lengths=False, implementation=implementation
+        )
+    # openpi's own math on the slab. Keys no row attends are zeroed: NaN there would otherwise
+    # reach dq through 0 * NaN.
+    keys = jnp.any(mask, axis=1)
+    k = jnp.where(keys[:, :, None, None], k, jnp.zeros((), k.dtype))
+    return reference_attention(q_t, k, v, mask_t, problem.probs_dtype)
+
+
+def split_attention(q, k, v, mask, parts: Split, problem: Problem, *, mode: str, implementation: str) -> jax.Array:
+    """Head through cuDNN's sequence lengths, tail dense; rows with no key come out zero."""
+    head = head_attention(q, k, v, parts, implementation)
+    rows, real = tail_rows(parts)
+    tail = tail_attention(q, k, v, mask, rows, real, problem, mode, implementation)
+
+    where = masks.inverse(parts.q_order)  # sorted position of each original row
+    offset = where - parts.head_rows[:, None]  # position within the tail
+    in_head = (offset < 0)[..., None, None]
+    in_tail = (offset < parts.tail_rows[:, None])[..., None, None]
+    from_head = masks.gather_rows(head, where).astype(problem.out_dtype)
+    from_tail = masks.gather_rows(tail, jnp.clip(offset, 0, parts.tail_max - 1)).astype(problem.out_dtype)
+    return jnp.where(in_head, from_head, jnp.where(in_tail, from_tail, jnp.zeros((), problem.out_dtype)))
+
+
+def _warn_on_long_tail(fits: jax.Array, tail_max: int) -> None:
+    """Warn once, at run time, when a tail was too long (a conditional on the mask alone, as the core's)."""
+
+    def say() -> None:
+        diagnostics.warn_once(
+            ("cudnn_split", "tail"),
+            f"cudnn_split: a mask has more than {tail_max} rows outside its largest block (e.g. a long "
+            "causal suffix), so the cudnn backend's exact dense-mask path ran for it",
+        )
+
+    lax.cond(fits, lambda: None, lambda: jax.debug.callback(say))
+
+
+class CudnnSplitBackend(Backend):
+    """cuDNN with sequence lengths for openpi's shared block and a dense slab for the short tail."""
+
+    name = "cudnn_split"
+    any_mask = False
+    platforms = ("gpu",)
+    dtypes = ("float32", "bfloat16", "float16")
+    implementation = "cudnn"
+
+    def __init__(self, tail_mode: str = "einsum", tail_max: int = TAIL_ROWS):
+        if tail_mode not in TAIL_MODES:
+            raise ValueError(f"tail_mode must be one of {TAIL_MODES}; got {tail_mode!r}")
+        if tail_max < 1:
+            raise ValueError(f"tail_max must be a positive number of rows; got {tail_max}")
+        self.tail_mode = tail_mode
+        self.tail_max = tail_max
+        # Its checks trace both of cuDNN's ways in (sequence lengths and dense mask), as this backend uses.
+        self._cudnn = cudnn.CudnnBackend(use_seq_lengths=True)
+
+    def unsupported(self, problem: Problem) -> str | None:
+        return self._cudnn.unsupported(problem)
+
+    def attend(self, q, k, v, mask, plan: MaskPlan | None, problem: Problem):
+        parts = split(plan, min(self.tail_max, problem.q_len))
+        _warn_on_long_tail(parts.fits, parts.tail_max)
+        return lax.cond(
+            parts.fits,
+            lambda: split_attention(
+                q, k, v, mask, parts, problem, mode=self.tail_mode, implementation=self.implementation
+            ),
+            lambda: cudnn.cudnn_attention(
+                q, k, v, mask, problem.out_dtype, use_seq_lengths=False, implementation=self.implementation
+            ),
+        )

@@ -1,0 +1,159 @@
+"""The cudnn_split backend: how it splits openpi's masks, and that the split is exact.
+
+On CPU the whole backend (sorting, the head through sequence lengths, the tail slab, putting rows
+back) runs with JAX's XLA attention in place of cuDNN, through the conformance checks. The GPU
+conformance suite runs it on cuDNN.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from cases import CASES
+from test_backend_conformance import check
+
+from flashpatch import backends, masks
+from flashpatch.backends import cudnn_split
+from flashpatch.backends.base import Backend
+from flashpatch.diagnostics import FlashpatchWarning
+from flashpatch.testing import layouts
+
+
+class _SplitOnXla(cudnn_split.CudnnSplitBackend):
+    """cudnn_split with JAX's XLA attention in place of cuDNN: everything but the kernel, on CPU."""
+
+    platforms = ("cpu", "gpu")
+    implementation = "xla"
+
+    def unsupported(self, problem):
+        return Backend.unsupported(self, problem)
+
+
+@pytest.fixture
+def on_xla(monkeypatch):
+    def install(**kwargs) -> None:
+        monkeypatch.setitem(backends._instances, "cudnn_split", _SplitOnXla(**kwargs))
+
+    return install
+
+
+def test_registered_and_gpu_only() -> None:
+    assert "cudnn_split" in backends.names()
+    assert backends.get("cudnn_split").platforms == ("gpu",)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"tail_mode": "dense"}, "tail_mode must be one of"), ({"tail_max": 0}, "tail_max must be a positive")],
+)
+def test_bad_arguments(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        cudnn_split.CudnnSplitBackend(**kwargs)
+
+
+def _split(mask: np.ndarray, tail_max: int = cudnn_split.TAIL_ROWS) -> cudnn_split.Split:
+    plan = masks.analyze(jnp.asarray(mask))
+    assert bool(plan.exact)
+    return cudnn_split.split(plan, tail_max)
+
+
+def test_split_of_pi0_layouts() -> None:
+    """pi0: the valid prefix is the head (it attends itself), state + actions the tail; pi0.5 likewise."""
+    for state_token, suffix in ((True, 11), (False, 10)):
+        layout = layouts.pi0(3, 40, actions=10, state_token=state_token, masked_image=1, seed=3)
+        parts = _split(layout.mask)
+        prefix_valid = layout.valid[:, :40].sum(axis=1)
+        np.testing.assert_array_equal(parts.head_rows, prefix_valid)
+        np.testing.assert_array_equal(parts.head_keys, prefix_valid)
+        np.testing.assert_array_equal(parts.tail_rows, [suffix] * 3)
+        assert bool(parts.fits)
+        # the head rows come first in sorted order and are the valid prefix rows, in sequence order
+        for b in range(3):
+            head = np.asarray(parts.q_order[b, : prefix_valid[b]])
+            np.testing.assert_array_equal(head, np.flatnonzero(layout.valid[b, :40]))
+            keys = np.asarray(parts.k_order[b, : prefix_valid[b]])
+            np.testing.assert_array_equal(keys, np.flatnonzero(layout.valid[b, :40]))
+
+
+def test_split_of_empty_rows_and_long_tails() -> None:
+    mask = np.zeros((2, 6, 6), bool)
+    mask[0] = layouts.causal(1, 6).mask[0]  # head = row 0 (one key), tail = 5 rows
+    parts = _split(mask, tail_max=4)  # batch row 1 attends nothing
+    np.testing.assert_array_equal(parts.head_rows, [1, 0])
+    np.testing.assert_array_equal(parts.head_keys, [1, 0])
+    np.testing.assert_array_equal(parts.tail_rows, [5, 0])
+    assert not bool(parts.fits)
+    assert bool(_split(mask, tail_max=5).fits)
+
+
+def test_head_goes_to_cudnn_as_sequence_lengths(monkeypatch) -> None:
+    """The head's call carries lengths and no dense mask; NaN-free zeros beyond them."""
+    seen = []
+    real = jax.nn.dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+    layout = layouts.pi0(2, 40, actions=10, seed=1)
+    parts = _split(layout.mask)
+    q = jnp.full((2, 51, 2, 8), jnp.nan, jnp.bfloat16)
+    kv = jnp.ones((2, 51, 1, 8), jnp.bfloat16)
+    out = cudnn_split.head_attention(q, kv, kv, parts, "xla")
+    assert len(seen) == 1 and seen[0].get("mask") is None and seen[0].get("bias") is None
+    np.testing.assert_array_equal(seen[0]["query_seq_lengths"], parts.head_rows)
+    np.testing.assert_array_equal(seen[0]["key_value_seq_lengths"], parts.head_keys)
+    assert out.shape == (2, 51, 2, 8)
+
+
+#: Every structured layout (pi0 with a missing image, pi0.5, pi0-FAST, causal, decode, a suffix
+#: over a KV cache, two kv heads, batch 1, odd lengths, padding only) with the einsum tail; the
+#: cuDNN tail on two (it shares the dense preparation the cudnn backend's tests cover).
+STRUCTURED = [(name, "einsum") for name, case in CASES.items() if case.structured]
+STRUCTURED += [("pi0_masked_image", "cudnn"), ("pi0_fast", "cudnn")]
+
+
+@pytest.mark.parametrize(("case", "tail_mode"), STRUCTURED, ids=str)
+def test_matches_openpi(on_xla, case: str, tail_mode: str) -> None:
+    on_xla(tail_mode=tail_mode)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FlashpatchWarning)  # no fallback anywhere
+        check("cudnn_split", CASES[case], "float32")
+
+
+def test_matches_openpi_bf16(on_xla) -> None:
+    on_xla()
+    check("cudnn_split", CASES["pi0_masked_image"], "bfloat16")
+
+
+def test_long_tail_takes_the_dense_path_with_a_warning(on_xla) -> None:
+    on_xla(tail_max=4)
+    with pytest.warns(FlashpatchWarning, match="more than 4 rows outside its largest block"):
+        check("cudnn_split", CASES["pi0_padding_mid"], "float32")
+        jax.effects_barrier()
+
+
+def test_unstructured_mask_takes_the_core_fallback(on_xla) -> None:
+    on_xla()
+    with pytest.warns(FlashpatchWarning, match="not block-causal"):
+        check("cudnn_split", CASES["arbitrary"], "float32")
+        jax.effects_barrier()
+
+
+def test_a_wrong_split_fails_the_suite(on_xla, monkeypatch) -> None:
+    """The suite notices a head that is one key short."""
+    on_xla()
+    right = cudnn_split.split
+
+    def one_key_short(plan, tail_max=cudnn_split.TAIL_ROWS):
+        parts = right(plan, tail_max)
+        return parts._replace(head_keys=jnp.maximum(parts.head_keys - 1, 0))
+
+    monkeypatch.setattr(cudnn_split, "split", one_key_short)
+    with pytest.raises(AssertionError):
+        check("cudnn_split", CASES["pi0_padding_mid"], "float32")
