@@ -27,8 +27,8 @@ from common import environment, log, median_ms, openpi_mask, qkv, rel_err, write
 
 import flashpatch
 from flashpatch import masks
+from flashpatch.backends import cudnn_split, kvax_compat, kvax_tuning
 from flashpatch.backends import kvax as kvax_backend
-from flashpatch.backends import kvax_compat, kvax_tuning
 from flashpatch.backends.kvax_tuning import Blocks, Tuning
 from flashpatch.backends.reference import reference_attention
 from flashpatch.testing import layouts
@@ -64,26 +64,39 @@ BWD_CANDIDATES = [
 ]
 
 
+#: Variants that are a registered backend with other settings: name -> (backend, factory).
+VARIANTS = {
+    "cudnn_split-cudnntail": ("cudnn_split", lambda: cudnn_split.CudnnSplitBackend(tail_mode="cudnn")),
+}
+
+
+def _as(name: str, impl):
+    """flashpatch.attention through `impl` registered as backend `name` for the duration of the call."""
+    from flashpatch import backends
+
+    def run(q, k, v, mask):
+        saved = backends._instances.get(name)
+        backends._instances[name] = impl
+        try:
+            return flashpatch.attention(q, k, v, mask, settings=flashpatch.Settings(backend=name))
+        finally:
+            if saved is None:
+                backends._instances.pop(name)
+            else:
+                backends._instances[name] = saved
+
+    return run
+
+
 def attention_fn(backend: str, tuning: Tuning | None = None):
     """fn(q, k, v, mask) for one variant; the mask is an argument so XLA cannot constant-fold its analysis."""
     if backend == "cudnn-dense":
         return lambda q, k, v, mask: jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0, implementation="cudnn")
     if backend == "kvax" and tuning is not None:
-        impl = kvax_backend.KvaxBackend(tuning)
-        from flashpatch import backends
-
-        def run(q, k, v, mask):
-            saved = backends._instances.get("kvax")
-            backends._instances["kvax"] = impl
-            try:
-                return flashpatch.attention(q, k, v, mask, settings=flashpatch.Settings(backend="kvax"))
-            finally:
-                if saved is None:
-                    backends._instances.pop("kvax")
-                else:
-                    backends._instances["kvax"] = saved
-
-        return run
+        return _as("kvax", kvax_backend.KvaxBackend(tuning))
+    if backend in VARIANTS:
+        name, make = VARIANTS[backend]
+        return _as(name, make())
     return lambda q, k, v, mask: flashpatch.attention(q, k, v, mask, settings=flashpatch.Settings(backend=backend))
 
 
@@ -103,12 +116,15 @@ def main() -> None:
     parser.add_argument("--sections", default="correct,time,sweep,short,overhead")
     parser.add_argument("--tag", default="", help="suffix of the JSON file name")
     parser.add_argument("--time-shapes", default="", help="override, e.g. 2x1024,2x4096 (batch x length)")
+    parser.add_argument("--correct-shapes", default="", help="override, as --time-shapes")
+    parser.add_argument("--correct-backends", default="", help="variants the correct section checks (default: all)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script on CPU")
     args = parser.parse_args()
     start = time.time()
     shapes = dict(SMOKE_SHAPES if args.smoke else SHAPES)
-    if args.time_shapes:
-        shapes["time"] = [tuple(int(n) for n in item.split("x")) for item in args.time_shapes.split(",")]
+    for section, given in (("time", args.time_shapes), ("correct", args.correct_shapes)):
+        if given:
+            shapes[section] = [tuple(int(n) for n in item.split("x")) for item in given.split(",")]
     over = lambda: time.time() - start > args.budget  # noqa: E731
     report = {
         "env": environment(" ".join(sys.argv)),
@@ -133,16 +149,20 @@ def main() -> None:
     sections = set(args.sections.split(","))
 
     # correctness at openpi shapes
+    checked = [b for b in backends if not args.correct_backends or b in args.correct_backends.split(",")]
     for batch, length in shapes["correct"] if "correct" in sections else []:
+        if over():
+            break
         mask = jnp.asarray(openpi_mask(batch, length))[:, None]
         q, k, v = qkv(batch, length, length, seed=length)
         cot = jax.random.normal(jax.random.PRNGKey(1), q.shape, jnp.float32)
         f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
         ref_fn = lambda q, k, v, mask: reference_attention(f32(q), f32(k), f32(v), mask[:, 0], jnp.float32)  # noqa: E731
-        _, ref_grads = fwd_bwd(ref_fn, cot)(q, k, v, mask)
-        ref_out = jax.jit(ref_fn)(q, k, v, mask)
+        with jax.default_matmul_precision("highest"):  # no TF32 in the yardstick
+            _, ref_grads = fwd_bwd(ref_fn, cot)(q, k, v, mask)
+            ref_out = jax.jit(ref_fn)(q, k, v, mask)
         rows = jnp.any(mask[:, 0], -1)[:, :, None, None]
-        for backend in backends:
+        for backend in checked:
             entry = {"batch": batch, "len": length, "backend": backend}
             try:
                 fn = attention_fn(backend)

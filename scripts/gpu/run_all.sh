@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One H100 session's checks, most important first, each step time-boxed; logs and JSON under $OUT.
+# H100 checks, each step time-boxed; logs and JSON under $OUT. `run_all.sh` runs every step in
+# order of importance; `run_all.sh STEP...` runs the named ones (a device call is at most 10 minutes).
 # Run from the repository root with kvax and jax-triton wheels in .whl/ (see scripts/gpu/README.md).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -11,13 +12,31 @@ step() {
   echo "== $name (limit ${secs}s)"
   timeout "$secs" "$@" 2>&1 | grep -v -E "$noise" > "$OUT/$name.log"
   echo "exit ${PIPESTATUS[0]}"
-  tail -n 12 "$OUT/$name.log"
+  tail -n 14 "$OUT/$name.log"
 }
+pytest_q() { python3 -m pytest -q -p no:cacheprovider -W ignore -rfE "$@"; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$OUT/gpu.txt"
-step gpu_models 190 python3 -m pytest -q -p no:cacheprovider -W ignore -rA -k "kvax or cudnn" tests/test_gpu_models.py
-step timings 150 python3 scripts/gpu/kvax_sweep.py --out "$OUT" --budget 125 --tag _c \
-  --backends reference,cudnn-dense,cudnn,kvax --sections time,short --time-shapes 2x4096,32x870,2x1024
-step cudnn_tests 100 python3 -m pytest -q -p no:cacheprovider -W ignore -rf -k "cudnn and not float32" \
-  tests/test_cudnn_backend.py tests/test_backend_conformance.py
-step kvax_conformance 75 python3 -m pytest -q -p no:cacheprovider -W ignore -rf \
-  -k "kvax and bfloat16 and (masked_image or decode or suffix or arbitrary or pi0_fast)" tests/test_backend_conformance.py
+
+run() {
+  case $1 in
+    split_timings)  # issue 9: every exact path side by side, errors and times
+      step split_timings 250 python3 scripts/gpu/kvax_sweep.py --out "$OUT" --budget 200 --tag _split \
+        --backends reference,cudnn-dense,cudnn,cudnn_split,cudnn_split-cudnntail,kvax --sections correct,time \
+        --correct-shapes 2x1024,32x870,2x4096 --correct-backends cudnn,cudnn_split,cudnn_split-cudnntail --time-shapes 2x4096,32x870,8x1024,2x2048 ;;
+    gpu_models)
+      step gpu_models 150 pytest_q -k "cudnn_split or kvax" tests/test_gpu_models.py ;;
+    conformance)
+      step conformance 90 pytest_q -k "cudnn_split and bfloat16" tests/test_backend_conformance.py ;;
+    conformance_all)
+      step conformance_all 150 pytest_q -k "(kvax or cudnn) and bfloat16" tests/test_backend_conformance.py ;;
+    short)  # issue 3/4: pi0 sample_actions and pi0-FAST decode; kvax's per-call overhead
+      step short 200 python3 scripts/gpu/kvax_sweep.py --out "$OUT" --budget 170 --tag _short \
+        --backends reference,cudnn,cudnn_split,kvax --sections short,overhead ;;
+    cudnn_tests)
+      step cudnn_tests 100 pytest_q -k "cudnn and not float32" tests/test_cudnn_backend.py ;;
+    *) echo "unknown step $1"; exit 2 ;;
+  esac
+}
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(split_timings conformance gpu_models short cudnn_tests conformance_all)
+for s in "${steps[@]}"; do run "$s"; done
