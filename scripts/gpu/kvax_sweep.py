@@ -101,10 +101,13 @@ def attention_fn(backend: str, tuning: Tuning | None = None):
 
 
 def fwd_bwd(fn, cot):
-    def loss(q, k, v, mask):
+    """Loss value and (dq, dk, dv); the cotangent is an argument (a closed-over one is constant-folded)."""
+
+    def loss(q, k, v, mask, cot):
         return jnp.sum(fn(q, k, v, mask).astype(jnp.float32) * cot)
 
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    return lambda q, k, v, mask: step(q, k, v, mask, cot)
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ step() {
   echo "exit ${PIPESTATUS[0]}"
   tail -n 14 "$OUT/$name.log"
 }
-pytest_q() { python3 -m pytest -q -p no:cacheprovider -W ignore -rfE "$@"; }
+pytest_q=(python3 -m pytest -q -p no:cacheprovider -W ignore -rfE)
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$OUT/gpu.txt"
 
 run() {
@@ -22,18 +22,18 @@ run() {
     split_timings)  # issue 9: every exact path side by side, errors and times
       step split_timings 250 python3 scripts/gpu/kvax_sweep.py --out "$OUT" --budget 200 --tag _split \
         --backends reference,cudnn-dense,cudnn,cudnn_split,cudnn_split-cudnntail,kvax --sections correct,time \
-        --correct-shapes 2x1024,32x870,2x4096 --correct-backends cudnn,cudnn_split,cudnn_split-cudnntail --time-shapes 2x4096,32x870,8x1024,2x2048 ;;
+        --correct-shapes 2x4096 --correct-backends cudnn,cudnn_split,cudnn_split-cudnntail --time-shapes 2x4096,32x870,8x1024,2x2048 ;;
     gpu_models)
-      step gpu_models 150 pytest_q -k "cudnn_split or kvax" tests/test_gpu_models.py ;;
+      step gpu_models 150 "${pytest_q[@]}" -k "cudnn_split or kvax" tests/test_gpu_models.py ;;
     conformance)
-      step conformance 90 pytest_q -k "cudnn_split and bfloat16" tests/test_backend_conformance.py ;;
+      step conformance 90 "${pytest_q[@]}" -k "cudnn_split and bfloat16" tests/test_backend_conformance.py ;;
     conformance_all)
-      step conformance_all 150 pytest_q -k "(kvax or cudnn) and bfloat16" tests/test_backend_conformance.py ;;
+      step conformance_all 150 "${pytest_q[@]}" -k "(kvax or cudnn) and bfloat16" tests/test_backend_conformance.py ;;
     short)  # issue 3/4: pi0 sample_actions and pi0-FAST decode; kvax's per-call overhead
       step short 200 python3 scripts/gpu/kvax_sweep.py --out "$OUT" --budget 170 --tag _short \
         --backends reference,cudnn,cudnn_split,kvax --sections short,overhead ;;
     cudnn_tests)
-      step cudnn_tests 100 pytest_q -k "cudnn and not float32" tests/test_cudnn_backend.py ;;
+      step cudnn_tests 100 "${pytest_q[@]}" -k "cudnn and not float32" tests/test_cudnn_backend.py ;;
     *) echo "unknown step $1"; exit 2 ;;
   esac
 }
