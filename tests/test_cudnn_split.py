@@ -131,6 +131,29 @@ def test_matches_openpi_bf16(on_xla) -> None:
     check("cudnn_split", CASES["pi0_masked_image"], "bfloat16")
 
 
+@pytest.mark.parametrize("case", ["pi0_masked_image", "pi0_fast"])
+def test_matches_openpi_with_a_slab_inside_the_rows(on_xla, case: str) -> None:
+    """A short slab (16 rows) sits at the first tail row, not against the end (in some batch rows)."""
+    on_xla(tail_max=16)
+    parts = _split(CASES[case].mask, tail_max=16)
+    start, _ = cudnn_split.tail_window(parts)
+    assert bool(jnp.any(start == parts.head_rows))  # some slabs not moved left
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FlashpatchWarning)
+        check("cudnn_split", CASES[case], "float32")
+
+
+def test_permute_rows_gradient_is_a_gather() -> None:
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 3))
+    order = jnp.stack([jax.random.permutation(jax.random.PRNGKey(i), 7) for i in (1, 2)])
+    cot = jax.random.normal(jax.random.PRNGKey(3), (2, 7, 3))
+    loss = lambda f: lambda x: jnp.sum(f(x, order) * cot)  # noqa: E731
+    np.testing.assert_array_equal(masks.permute_rows(x, order), masks.gather_rows(x, order))
+    np.testing.assert_allclose(jax.grad(loss(masks.permute_rows))(x), jax.grad(loss(masks.gather_rows))(x))
+    backward = str(jax.make_jaxpr(jax.grad(loss(masks.permute_rows)))(x))
+    assert "scatter" not in backward and "gather" in backward
+
+
 def test_long_tail_takes_the_dense_path_with_a_warning(on_xla) -> None:
     on_xla(tail_max=4)
     with pytest.warns(FlashpatchWarning, match="more than 4 rows outside its largest block"):

@@ -23,6 +23,8 @@ run() {
       step split_timings 250 python3 scripts/gpu/kvax_sweep.py --out "$OUT" --budget 200 --tag _split \
         --backends reference,cudnn-dense,cudnn,cudnn_split,cudnn_split-cudnntail,kvax --sections correct,time \
         --correct-shapes 2x4096 --correct-backends cudnn,cudnn_split,cudnn_split-cudnntail --time-shapes 2x4096,32x870,8x1024,2x2048 ;;
+    split_profile)  # issue 9: where cudnn_split's time goes
+      step split_profile 160 python3 scripts/gpu/split_profile.py --out "$OUT" --budget 140 ;;
     gpu_models)
       step gpu_models 150 "${pytest_q[@]}" -k "cudnn_split or kvax" tests/test_gpu_models.py ;;
     conformance)
@@ -38,5 +40,5 @@ run() {
   esac
 }
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(split_timings conformance gpu_models short cudnn_tests conformance_all)
+[ ${#steps[@]} -eq 0 ] && steps=(split_profile split_timings conformance gpu_models short cudnn_tests conformance_all)
 for s in "${steps[@]}"; do run "$s"; done

@@ -69,63 +69,88 @@ def split(plan: MaskPlan, tail_max: int = TAIL_ROWS) -> Split:
     )
 
 
-def _prefix_rows(x: jax.Array, lengths: jax.Array) -> jax.Array:
+def _below(lengths: jax.Array, size: int, ndim: int) -> jax.Array:
+    """(B, size, 1, ...) bool: row index < lengths[b], shaped to broadcast over an ndim-array."""
+    keep = jnp.arange(size)[None, :] < lengths[:, None]
+    return keep.reshape(keep.shape + (1,) * (ndim - 2))
+
+
+def _zero_from(x: jax.Array, lengths: jax.Array) -> jax.Array:
     """x (B, L, ...) with rows at and after lengths[b] zeroed (so NaN there cannot reach cuDNN)."""
-    keep = jnp.arange(x.shape[1])[None, :] < lengths[:, None]
-    return jnp.where(keep.reshape(keep.shape + (1,) * (x.ndim - 2)), x, jnp.zeros((), x.dtype))
+    return jnp.where(_below(lengths, x.shape[1], x.ndim), x, jnp.zeros((), x.dtype))
 
 
-def head_attention(q, k, v, parts: Split, implementation: str) -> jax.Array:
+def head_attention(q_sorted, k_sorted, v_sorted, parts: Split, implementation: str) -> jax.Array:
     """(B, T, N, H) in sorted row order; rows [0, head_rows) are the head's, the rest are unused."""
-    q_s = _prefix_rows(masks.gather_rows(q, parts.q_order), parts.head_rows).astype(k.dtype)
-    k_s = _prefix_rows(masks.gather_rows(k, parts.k_order), parts.head_keys)
-    v_s = _prefix_rows(masks.gather_rows(v, parts.k_order), parts.head_keys)
+    q_h = _zero_from(q_sorted, parts.head_rows).astype(k_sorted.dtype)
+    k_h = _zero_from(k_sorted, parts.head_keys)
+    v_h = _zero_from(v_sorted, parts.head_keys)
     out = jax.nn.dot_product_attention(
-        *(cudnn.even_rows(x) for x in (q_s, k_s, v_s)),
+        *(cudnn.even_rows(x) for x in (q_h, k_h, v_h)),
         scale=1.0,
         query_seq_lengths=jnp.maximum(parts.head_rows, 1),
         key_value_seq_lengths=jnp.maximum(parts.head_keys, 1),
         implementation=implementation,
     )
-    return out[:, : q.shape[1]]
+    return out[:, : q_sorted.shape[1]]
 
 
-def tail_rows(parts: Split) -> tuple[jax.Array, jax.Array]:
-    """(B, tail_max) original indices of each batch row's tail rows, and which of them are real."""
-    slot = jnp.arange(parts.tail_max)[None, :]
-    sorted_pos = jnp.minimum(parts.head_rows[:, None] + slot, parts.q_order.shape[1] - 1)
-    rows = jnp.take_along_axis(parts.q_order, sorted_pos, axis=-1)
-    return rows, slot < parts.tail_rows[:, None]
+def tail_window(parts: Split) -> tuple[jax.Array, jax.Array]:
+    """Where each batch row's tail slab starts in sorted row order, and which of its rows are tail rows.
+
+    The slab is `tail_max` rows from the first tail row, moved left where it would pass the end
+    (then its first rows are head rows, and are not tail rows).
+    """
+    t = parts.q_order.shape[1]
+    start = jnp.minimum(parts.head_rows, t - parts.tail_max)
+    pos = start[:, None] + jnp.arange(parts.tail_max)[None, :]
+    real = (pos >= parts.head_rows[:, None]) & (pos < (parts.head_rows + parts.tail_rows)[:, None])
+    return start, real
 
 
-def tail_attention(q, k, v, mask, rows, real, problem: Problem, mode: str, implementation: str) -> jax.Array:
-    """(B, tail_max, N, H) for the gathered tail rows, each with its own mask row."""
-    q_t = masks.gather_rows(q, rows)
-    mask_t = jnp.take_along_axis(mask, rows[:, :, None], axis=1) & real[:, :, None]
+def _rows_at(x: jax.Array, start: jax.Array, size: int) -> jax.Array:
+    """Per batch row b, x[b, start[b] : start[b] + size]."""
+    return jax.vmap(lambda xb, s: lax.dynamic_slice_in_dim(xb, s, size, axis=0))(x, start)
+
+
+def _put_rows(x: jax.Array, rows: jax.Array, start: jax.Array) -> jax.Array:
+    """Per batch row b, x[b, start[b] : start[b] + len(rows[b])] = rows[b]."""
+    return jax.vmap(lambda xb, rb, s: lax.dynamic_update_slice_in_dim(xb, rb, s, axis=0))(x, rows, start)
+
+
+def tail_attention(q_tail, k, v, mask_tail, keys_used, problem: Problem, mode: str, implementation: str) -> jax.Array:
+    """(B, tail_max, N, H) for the tail slab's rows, each with its own mask row (original key order)."""
     if mode == "cudnn":
         return cudnn.cudnn_attention(
-            q_t, k, v, mask_t, problem.out_dtype, use_seq_lengths=False, implementation=implementation
+            q_tail, k, v, mask_tail, problem.out_dtype, use_seq_lengths=False, implementation=implementation
         )
     # openpi's own math on the slab. Keys no row attends are zeroed: NaN there would otherwise
     # reach dq through 0 * NaN.
-    keys = jnp.any(mask, axis=1)
-    k = jnp.where(keys[:, :, None, None], k, jnp.zeros((), k.dtype))
-    return reference_attention(q_t, k, v, mask_t, problem.probs_dtype)
+    k = jnp.where(keys_used[:, :, None, None], k, jnp.zeros((), k.dtype))
+    return reference_attention(q_tail, k, v, mask_tail, problem.probs_dtype)
 
 
 def split_attention(q, k, v, mask, parts: Split, problem: Problem, *, mode: str, implementation: str) -> jax.Array:
-    """Head through cuDNN's sequence lengths, tail dense; rows with no key come out zero."""
-    head = head_attention(q, k, v, parts, implementation)
-    rows, real = tail_rows(parts)
-    tail = tail_attention(q, k, v, mask, rows, real, problem, mode, implementation)
+    """Head through cuDNN's sequence lengths, tail dense; rows with no key come out unspecified (finite).
 
-    where = masks.inverse(parts.q_order)  # sorted position of each original row
-    offset = where - parts.head_rows[:, None]  # position within the tail
-    in_head = (offset < 0)[..., None, None]
-    in_tail = (offset < parts.tail_rows[:, None])[..., None, None]
-    from_head = masks.gather_rows(head, where).astype(problem.out_dtype)
-    from_tail = masks.gather_rows(tail, jnp.clip(offset, 0, parts.tail_max - 1)).astype(problem.out_dtype)
-    return jnp.where(in_head, from_head, jnp.where(in_tail, from_tail, jnp.zeros((), problem.out_dtype)))
+    Rows are moved with permutations (gathers both ways) and the tail with dynamic slices, so the
+    backward pass has no scatter-add over (B, T, N, H).
+    """
+    q_sorted = masks.permute_rows(q, parts.q_order)
+    head = head_attention(
+        q_sorted, masks.permute_rows(k, parts.k_order), masks.permute_rows(v, parts.k_order), parts, implementation
+    )
+
+    start, real = tail_window(parts)
+    q_tail = _rows_at(q_sorted, start, parts.tail_max)
+    tail_order = _rows_at(parts.q_order, start, parts.tail_max)  # original row of each slab row
+    mask_tail = jnp.take_along_axis(mask, tail_order[:, :, None], axis=1) & real[:, :, None]
+    tail = tail_attention(q_tail, k, v, mask_tail, jnp.any(mask, axis=1), problem, mode, implementation)
+
+    head = head.astype(problem.out_dtype)
+    slab = jnp.where(real[:, :, None, None], tail.astype(problem.out_dtype), _rows_at(head, start, parts.tail_max))
+    out_sorted = _put_rows(head, slab, start)
+    return masks.permute_rows(out_sorted, masks.inverse(parts.q_order))
 
 
 def _warn_on_long_tail(fits: jax.Array, tail_max: int) -> None:

@@ -1,0 +1,110 @@
+"""On the GPU: where cudnn_split's time goes, against cuDNN's own floor (issue 9).
+
+Times, forward and forward+backward, side by side on the same inputs (pi0 layout, bf16, 8/1 heads,
+head_dim 256): the einsum; raw cuDNN with the dense mask and with no mask at all (the floor); raw
+cuDNN with sequence lengths on inputs sorted beforehand (the head alone); the mask analysis alone;
+cudnn_split's computation without flashpatch's conditionals; flashpatch's cudnn_split and cudnn.
+
+Run: PYTHONPATH=src python scripts/gpu/split_profile.py --out DIR [--shapes 32x870,2x4096]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from common import environment, log, median_ms, openpi_mask, qkv, write
+
+import flashpatch
+from flashpatch import masks
+from flashpatch.backends import cudnn_split
+from flashpatch.backends.base import Problem
+from flashpatch.backends.reference import reference_attention
+
+
+def variants(problem: Problem) -> dict:
+    """name -> fn(q, k, v, mask (B, 1, T, S)); everything a variant needs besides q, k, v is derived from the mask."""
+
+    def sorted_head(q, k, v, mask):
+        parts = cudnn_split.split(masks.analyze(mask[:, 0]))
+        return cudnn_split.head_attention(
+            masks.permute_rows(q, parts.q_order),
+            masks.permute_rows(k, parts.k_order),
+            masks.permute_rows(v, parts.k_order),
+            parts,
+            "cudnn",
+        )
+
+    def analysis(q, k, v, mask):
+        parts = cudnn_split.split(masks.analyze(mask[:, 0]))
+        return q * parts.head_rows[:, None, None, None].astype(q.dtype)
+
+    def bare_split(q, k, v, mask):
+        parts = cudnn_split.split(masks.analyze(mask[:, 0]))
+        return cudnn_split.split_attention(q, k, v, mask[:, 0], parts, problem, mode="einsum", implementation="cudnn")
+
+    def flashpatch_backend(name):
+        settings = flashpatch.Settings(backend=name)
+        return lambda q, k, v, mask: flashpatch.attention(q, k, v, mask, settings=settings)
+
+    return {
+        "einsum": lambda q, k, v, mask: reference_attention(q, k, v, mask[:, 0], jnp.bfloat16),
+        "cudnn_raw_dense": lambda q, k, v, mask: jax.nn.dot_product_attention(
+            q, k, v, mask=mask, scale=1.0, implementation="cudnn"
+        ),
+        "cudnn_raw_nomask": lambda q, k, v, mask: jax.nn.dot_product_attention(
+            q, k, v, scale=1.0, implementation="cudnn"
+        ),
+        "analysis_only": analysis,
+        "head_only_sorted": sorted_head,
+        "split_no_conds": bare_split,
+        "flashpatch_cudnn_split": flashpatch_backend("cudnn_split"),
+        "flashpatch_cudnn": flashpatch_backend("cudnn"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--shapes", default="32x870,2x4096")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--budget", type=float, default=200.0)
+    args = parser.parse_args()
+    start = time.time()
+    report = {"env": environment(" ".join(sys.argv)), "rows": []}
+    for item in args.shapes.split(","):
+        batch, length = (int(n) for n in item.split("x"))
+        mask = jnp.asarray(openpi_mask(batch, length))[:, None]
+        sets = [(*qkv(batch, length, length, seed=s), mask) for s in (0, 1)]
+        cot = jax.random.normal(jax.random.PRNGKey(2), sets[0][0].shape, jnp.float32)
+        problem = Problem.of(*sets[0][:3], jnp.bfloat16, "gpu")
+        for name, fn in variants(problem).items():
+            if time.time() - start > args.budget:
+                break
+            row = {"batch": batch, "len": length, "variant": name}
+            try:
+                row["fwd_ms"] = median_ms(jax.jit(fn), sets, args.repeats)
+                if name != "analysis_only":
+                    loss = lambda q, k, v, mask, cot, fn=fn: jnp.sum(fn(q, k, v, mask).astype(jnp.float32) * cot)  # noqa: E731
+                    step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+                    row["fwdbwd_ms"] = median_ms(
+                        lambda q, k, v, mask, step=step: step(q, k, v, mask, cot), sets, args.repeats
+                    )
+            except Exception as err:
+                row["error"] = f"{type(err).__name__}: {str(err)[-300:]}"
+            report["rows"].append(row)
+            log("profile", row)
+            write(args.out, "split_profile.json", report)
+    log(f"\n=== done in {time.time() - start:.0f}s ===")
+    for r in report["rows"]:
+        times = f"{r.get('fwd_ms', float('nan')):7.3f}  {r.get('fwdbwd_ms', float('nan')):7.3f}"
+        log(f"{r['batch']:2d}x{r['len']:5d}  {r['variant']:24s} {times}  {r.get('error', '')[:60]}")
+
+
+if __name__ == "__main__":
+    main()
