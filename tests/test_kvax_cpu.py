@@ -201,7 +201,7 @@ def test_structured_backend_inside_the_scanned_stack(monkeypatch, structured: bo
     with warnings.catch_warnings(record=True) as seen, flashpatch.enable("kvax"):
         warnings.simplefilter("always")
         out = jax.block_until_ready(run(params, x, mask))
-    structure = [w for w in seen if "not block-causal" in str(w.message)]
+    structure = [w for w in seen if "does not have the structure kvax computes" in str(w.message)]
     assert len(structure) == (0 if structured else 1), [str(w.message) for w in seen]
     assert rel_err(out, ref) < 1e-5
 

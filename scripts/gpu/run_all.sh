@@ -25,6 +25,18 @@ run() {
         --correct-shapes 2x4096 --correct-backends cudnn,cudnn_split,cudnn_split-cudnntail --time-shapes 2x4096,32x870,8x1024,2x2048 ;;
     split_profile)  # issue 9: where cudnn_split's time goes
       step split_profile 160 python3 scripts/gpu/split_profile.py --out "$OUT" --budget 140 ;;
+    split_times)  # issue 9's table alone: the exact paths at the two target shapes
+      step split_times 90 python3 scripts/gpu/kvax_sweep.py --out "$OUT" --budget 70 --tag _split \
+        --backends reference,cudnn-dense,cudnn,cudnn_split --sections time --time-shapes 2x4096,32x870 ;;
+    bench_core)  # issue 5, attention core, every backend; plots are rendered off the device
+      step bench_core 180 python3 scripts/benchmark_attention.py --out "$OUT/bench_core" --scenarios core \
+        --core-sizes 1024,4096,16384 --budget-s 150
+      rm -f "$OUT"/bench_core/*.png "$OUT"/bench_core/*.md ;;
+    bench_models)  # issue 5, whole models (18 layers at real widths): einsum, cudnn, cudnn_split
+      step bench_models 260 python3 scripts/benchmark_attention.py --out "$OUT/bench_models" \
+        --scenarios gemma,gemma_fast --backends cudnn,cudnn_split --budget-s 235 \
+        --train-sizes 1024,4096,16384 --infer-sizes 1024 --cache-sizes 1024,4096
+      rm -f "$OUT"/bench_models/*.png "$OUT"/bench_models/*.md ;;
     gpu_models)
       step gpu_models 150 "${pytest_q[@]}" -k "cudnn_split or kvax" tests/test_gpu_models.py ;;
     conformance)

@@ -11,10 +11,6 @@ from flashpatch.backends.base import Problem
 from flashpatch.backends.reference import reference_attention
 from flashpatch.settings import Settings
 
-#: The exact path taken in-graph when a mask turns out not to have the structure a backend needs.
-#: Blockwise, so choosing it costs no T x S memory in either branch of the conditional.
-STRUCTURE_FALLBACK = "xla"
-
 
 def check_inputs(q: jax.Array, k: jax.Array, v: jax.Array, attn_mask: jax.Array) -> None:
     """Raise a clear error naming the argument that does not fit openpi's layout."""
@@ -98,19 +94,19 @@ def _flash(q, k, v, mask, backend, problem: Problem) -> jax.Array:
     else:
         plan = masks.analyze(mask)
         has_keys = plan.rank > 0
-        fallback = backends.get(STRUCTURE_FALLBACK)
-        out = lax.cond(
-            plan.exact,
-            lambda: backend.attend(q, k, v, mask, plan, problem),
-            lambda: fallback.attend(q, k, v, mask, None, problem),
-        )
-        _warn_on_fallback(backend.name, plan.exact)
+        accepted = backend.accepts(plan, problem)
+        # The fast path runs unconditionally, outside the conditional: XLA runs a conditional's
+        # branches as separate launches after a host sync, which cost cudnn_split about a third of
+        # its time on the H100 when the fast path sat inside one. The fallback only runs when needed.
+        fast = backend.attend(q, k, v, mask, plan, problem)
+        out = lax.cond(accepted, lambda: fast, lambda: backend.attend_fallback(q, k, v, mask, problem))
+        _warn_on_fallback(backend, accepted)
     fill = empty_row_value(v, problem.probs_dtype, problem.num_heads)
     return jnp.where(has_keys[:, :, None, None], out, fill)
 
 
-def _warn_on_fallback(backend_name: str, exact: jax.Array) -> None:
-    """Warn once, at run time, if a mask failed the structure check.
+def _warn_on_fallback(backend: backends.Backend, accepted: jax.Array) -> None:
+    """Warn once, at run time, if a mask failed the backend's structure check.
 
     The callback sits in a conditional of its own that depends on the mask alone: flax's nn.scan
     (openpi's layer stack) rejects effects in its body that depend on the carried activations.
@@ -118,12 +114,12 @@ def _warn_on_fallback(backend_name: str, exact: jax.Array) -> None:
 
     def say() -> None:
         diagnostics.warn_once(
-            ("structure", backend_name),
-            f"a mask is not block-causal (openpi's structure), so {backend_name} cannot compute it; "
-            f"the exact {STRUCTURE_FALLBACK} path ran for it",
+            ("structure", backend.name),
+            f"a mask does not have the structure {backend.name} computes ({backend.structure}), "
+            f"so the exact {backend.fallback} path ran for it",
         )
 
-    lax.cond(exact, lambda: None, lambda: jax.debug.callback(say))
+    lax.cond(accepted, lambda: None, lambda: jax.debug.callback(say))
 
 
 def _report_difference(site: str, backend_name: str, out: jax.Array, ref: jax.Array) -> None:

@@ -76,6 +76,11 @@ class Backend:
     platforms: ClassVar[tuple[str, ...]] = ("cpu", "gpu", "tpu")
     #: Input dtypes it accepts for q, k, v.
     dtypes: ClassVar[tuple[str, ...]] = ("float32", "bfloat16", "float16")
+    #: For any_mask=False: the masks it computes, in words (for the fallback warning), and the
+    #: backend (any_mask=True, exact) that runs in-graph for a mask it does not accept. `xla` is
+    #: blockwise, so the fallback costs no T x S memory.
+    structure: ClassVar[str] = "block-causal, as openpi's masks are"
+    fallback: ClassVar[str] = "xla"
 
     def unsupported(self, problem: Problem) -> str | None:
         """Why this backend cannot compute `problem` exactly, or None if it can."""
@@ -86,6 +91,20 @@ class Backend:
             if dtype not in self.dtypes:
                 return f"{self.name} takes {', '.join(self.dtypes)} inputs; {arg} is {dtype}"
         return None
+
+    def accepts(self, plan: MaskPlan, problem: Problem) -> jax.Array:
+        """() bool, in-graph: whether `attend` computes the mask `plan` was read from exactly.
+
+        Only asked of any_mask=False backends. Where it is False, `attend` must still return
+        finite values (they are discarded for the fallback's).
+        """
+        return plan.exact
+
+    def attend_fallback(self, q, k, v, mask, problem: Problem) -> jax.Array:
+        """What runs for a mask `accepts` refuses: the `fallback` backend, exact for any mask."""
+        from flashpatch import backends  # the registry imports this module
+
+        return backends.get(self.fallback).attend(q, k, v, mask, None, problem)
 
     def attend(
         self,

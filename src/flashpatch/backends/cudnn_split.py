@@ -14,7 +14,7 @@ pi0.5's prefix (images and prompt), pi0-FAST's bidirectional prefix. So, per bat
 - rows that attend nothing are left to the caller (openpi's mean of V).
 
 A mask whose tail is longer than `TAIL_ROWS` in some batch row (a long causal suffix) takes the
-`cudnn` backend's exact dense path instead, chosen in-graph, with one warning.
+`cudnn` backend's exact dense path instead, chosen in-graph by the core, with one warning.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from flashpatch import diagnostics, masks
+from flashpatch import masks
 from flashpatch.backends import cudnn
 from flashpatch.backends.base import Backend, Problem
 from flashpatch.backends.reference import reference_attention
@@ -153,24 +153,12 @@ def split_attention(q, k, v, mask, parts: Split, problem: Problem, *, mode: str,
     return masks.permute_rows(out_sorted, masks.inverse(parts.q_order))
 
 
-def _warn_on_long_tail(fits: jax.Array, tail_max: int) -> None:
-    """Warn once, at run time, when a tail was too long (a conditional on the mask alone, as the core's)."""
-
-    def say() -> None:
-        diagnostics.warn_once(
-            ("cudnn_split", "tail"),
-            f"cudnn_split: a mask has more than {tail_max} rows outside its largest block (e.g. a long "
-            "causal suffix), so the cudnn backend's exact dense-mask path ran for it",
-        )
-
-    lax.cond(fits, lambda: None, lambda: jax.debug.callback(say))
-
-
 class CudnnSplitBackend(Backend):
     """cuDNN with sequence lengths for openpi's shared block and a dense slab for the short tail."""
 
     name = "cudnn_split"
     any_mask = False
+    fallback = "cudnn"
     platforms = ("gpu",)
     dtypes = ("float32", "bfloat16", "float16")
     implementation = "cudnn"
@@ -182,21 +170,21 @@ class CudnnSplitBackend(Backend):
             raise ValueError(f"tail_max must be a positive number of rows; got {tail_max}")
         self.tail_mode = tail_mode
         self.tail_max = tail_max
+        self.structure = f"block-causal, as openpi's masks are, with at most {tail_max} rows outside the largest block"
         # Its checks trace both of cuDNN's ways in (sequence lengths and dense mask), as this backend uses.
         self._cudnn = cudnn.CudnnBackend(use_seq_lengths=True)
 
     def unsupported(self, problem: Problem) -> str | None:
         return self._cudnn.unsupported(problem)
 
+    def accepts(self, plan: MaskPlan, problem: Problem) -> jax.Array:
+        return plan.exact & split(plan, min(self.tail_max, problem.q_len)).fits
+
+    def attend_fallback(self, q, k, v, mask, problem: Problem) -> jax.Array:
+        return cudnn.cudnn_attention(
+            q, k, v, mask, problem.out_dtype, use_seq_lengths=False, implementation=self.implementation
+        )
+
     def attend(self, q, k, v, mask, plan: MaskPlan | None, problem: Problem):
         parts = split(plan, min(self.tail_max, problem.q_len))
-        _warn_on_long_tail(parts.fits, parts.tail_max)
-        return lax.cond(
-            parts.fits,
-            lambda: split_attention(
-                q, k, v, mask, parts, problem, mode=self.tail_mode, implementation=self.implementation
-            ),
-            lambda: cudnn.cudnn_attention(
-                q, k, v, mask, problem.out_dtype, use_seq_lengths=False, implementation=self.implementation
-            ),
-        )
+        return split_attention(q, k, v, mask, parts, problem, mode=self.tail_mode, implementation=self.implementation)
