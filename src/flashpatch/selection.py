@@ -17,6 +17,15 @@ from flashpatch.backends.base import Problem
 #: On CPU the einsum beats the blockwise path while the logits are small; past this many (query,
 #: key) pairs per head the blockwise path is chosen for its O(T) memory. See docs/selection.md.
 CPU_MIN_PAIRS_FOR_XLA = 1536 * 1536
+#: On the GPU, (query, key) pairs over batch and heads (B * N * T * S) below which the einsum is as fast
+#: as any flash path (their fixed costs dominate), and from which cudnn_split is the fastest. Measured
+#: with 8/1 heads and head_dim 256 on the H100 (docs/selection.md).
+GPU_MIN_PAIRS_FOR_FLASH = 2**25
+GPU_MIN_PAIRS_FOR_SPLIT = 2**27
+
+
+def pairs(p: Problem) -> int:
+    return p.batch * p.num_heads * p.q_len * p.kv_len
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,19 +43,38 @@ class Rule:
     why: str
 
 
+_H100 = "H100, bf16, 8/1 heads, head_dim 256, pi0 layout"
 RULES: tuple[Rule, ...] = (
     Rule(
         "gpu",
         lambda p: p.q_len == 1,
         ("reference",),
-        "one-token decode: its logits are (B, N, 1, S), small, and no flash path has been timed faster on the GPU",
+        "one-token decode: 18-layer pi0-FAST decode with cache 1024/4096 ran 5.55/5.78 ms per token on the einsum, "
+        "6.71/9.55 on cudnn (benchmarks/results/h100-2026-11-25-call8)",
+    ),
+    Rule(
+        "gpu",
+        lambda p: pairs(p) < GPU_MIN_PAIRS_FOR_FLASH,
+        ("reference",),
+        f"fewer than 2**25 (query, key) pairs over batch and heads: {_H100}: B=2 T=S=1024 einsum 0.186/0.628 ms "
+        "fwd/fwd+bwd, cudnn 0.192/0.634; pi0 inference B=1 T=1024 einsum 29.9 ms, cudnn 44.8 "
+        "(benchmarks/results/h100-2026-11-25-call8)",
+    ),
+    Rule(
+        "gpu",
+        lambda p: pairs(p) >= GPU_MIN_PAIRS_FOR_SPLIT,
+        ("cudnn_split", "cudnn", "kvax", "xla"),
+        f"at least 2**27 (query, key) pairs over batch and heads: {_H100}, fwd+bwd x einsum: B=2 T=S=4096 "
+        "cudnn_split 2.48x, cudnn 1.44x; B=32 T=S=870 cudnn_split 1.52x, cudnn 1.18x; 18-layer pi0 training step "
+        "B=4 T=4096 cudnn_split 1.61x, cudnn 1.35x (benchmarks/results/h100-2026-11-25-call8)",
     ),
     Rule(
         "gpu",
         lambda p: True,
-        ("cudnn", "kvax", "xla"),
-        "H100, bf16, 8/1 heads, head_dim 256, B=2, T=S=4096 (benchmarks/results/h100-2026-11-25-call3): "
-        "cudnn 1.34x einsum forward, 1.43x forward+backward; kvax 1.21x and 0.55x; all three keep memory O(T)",
+        ("cudnn", "cudnn_split", "kvax", "xla"),
+        f"2**25 to 2**27 (query, key) pairs over batch and heads: {_H100}: 18-layer pi0 training step B=4 T=1024 "
+        "cudnn 1.10x einsum, cudnn_split 1.09x (h100-2026-11-25-call8); B=8 T=S=1024 fwd+bwd cudnn 1.14x, "
+        "cudnn_split 0.93x (h100-2026-11-25-call6, before its last speed-up)",
     ),
     Rule(
         "cpu",
