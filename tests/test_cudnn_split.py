@@ -7,6 +7,7 @@ conformance suite runs it on cuDNN.
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import jax
@@ -180,3 +181,74 @@ def test_a_wrong_split_fails_the_suite(on_xla, monkeypatch) -> None:
     monkeypatch.setattr(cudnn_split, "split", one_key_short)
     with pytest.raises(AssertionError):
         check("cudnn_split", CASES["pi0_padding_mid"], "float32")
+
+
+def test_fast_path_runs_outside_the_conditional(on_xla) -> None:
+    """XLA runs a conditional's branches as separate launches after a host sync (on the H100 that cost the
+    fast path a third of its speed), so only the fallback may sit inside `cond`, forward and backward; and
+    the fallback is rematerialised, so the branch that passes the fast result through writes no residuals
+    beyond placeholders for q, k, v and the mask."""
+    import flashpatch
+
+    q, k, v, mask = CASES["pi0_masked_image"].arrays("float32")
+    settings = flashpatch.Settings(backend="cudnn_split")
+    on_xla()
+
+    def loss(q, k, v, mask):
+        return jnp.sum(flashpatch.attention(q, k, v, mask, settings=settings))
+
+    placeholders = {"broadcast_in_dim", "empty", "empty2"}
+    for fn in (lambda *a: flashpatch.attention(*a, settings=settings), jax.grad(loss, argnums=(0, 1, 2))):
+        jaxpr = jax.make_jaxpr(fn)(q, k, v, mask).jaxpr
+        conds = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "cond" and eqn.outvars]
+        assert conds, "the structure check and its fallback should be one conditional"
+        for eqn in conds:
+            accepted_branch = eqn.params["branches"][1].jaxpr
+            assert {e.primitive.name for e in accepted_branch.eqns} <= placeholders, accepted_branch
+            assert len(eqn.outvars) <= 5, [str(o.aval) for o in eqn.outvars]
+
+
+def _computations(hlo: str) -> dict[str, str]:
+    """Optimised HLO text split into its computations, by name."""
+    found = {}
+    for block in re.split(r"\n(?=(?:ENTRY )?%)", hlo):
+        match = re.match(r"(?:ENTRY )?%([\w.\-]+)", block)
+        if match:
+            found[match.group(1)] = block
+    return found
+
+
+def _called(name: str, comps: dict[str, str]) -> set[str]:
+    """`name` and every computation it calls, transitively."""
+    seen, todo = set(), [name]
+    while todo:
+        current = todo.pop()
+        if current in seen or current not in comps:
+            continue
+        seen.add(current)
+        todo += re.findall(r"(?:body|condition|to_apply|calls|branch_computations)=\{?%([\w.\-]+)", comps[current])
+        for group in re.findall(r"branch_computations=\{([^}]*)\}", comps[current]):
+            todo += re.findall(r"%([\w.\-]+)", group)
+    return seen
+
+
+def test_mask_analysis_is_hoisted_out_of_the_layer_loop(on_xla) -> None:
+    """Under a scan over layers (openpi's nn.scan) the sorts of the mask analysis depend on the mask
+    alone, and XLA moves them out of the loop: the layout is computed once per forward pass."""
+    import flashpatch
+
+    on_xla()
+    q, k, v, mask = CASES["pi0_masked_image"].arrays("float32")
+    settings = flashpatch.Settings(backend="cudnn_split")
+
+    def layers(q, k, v, mask):
+        step = lambda x, _: (flashpatch.attention(x, k, v, mask, settings=settings), None)  # noqa: E731
+        return jax.lax.scan(step, q, None, length=4)[0]
+
+    hlo = jax.jit(layers).lower(q, k, v, mask).compile().as_text()
+    comps = _computations(hlo)
+    bodies = re.findall(r"while\(.*?body=%([\w.\-]+)", hlo)
+    assert bodies, "expected the scan to stay a loop"
+    inside = set().union(*(_called(body, comps) for body in bodies))
+    assert hlo.count(" sort(") >= 2
+    assert not any(" sort(" in comps[name] for name in inside), "the mask's sorts run in every layer"

@@ -60,3 +60,19 @@ def test_cpu_rules() -> None:
 
 def test_pairs_counts_batch_heads_queries_and_keys() -> None:
     assert selection.pairs(_gpu_problem(4, 1024, 1024)) == selection.GPU_MIN_PAIRS_FOR_FLASH
+
+
+def test_recording_collects_choices_in_this_thread_only(h100) -> None:
+    import threading
+
+    problem = _gpu_problem(2, 4096, 4096)
+    with selection.recording() as outer:
+        selection.choose("auto", problem)
+        with selection.recording() as inner:
+            selection.choose("xla", problem)
+        other = threading.Thread(target=selection.choose, args=("auto", problem))
+        other.start()
+        other.join()
+    selection.choose("auto", problem)  # after the block: not recorded
+    assert [c.backend for c in outer] == ["cudnn_split", "xla"]
+    assert [c.backend for c in inner] == ["xla"]

@@ -99,7 +99,10 @@ def _flash(q, k, v, mask, backend, problem: Problem) -> jax.Array:
         # branches as separate launches after a host sync, which cost cudnn_split about a third of
         # its time on the H100 when the fast path sat inside one. The fallback only runs when needed.
         fast = backend.attend(q, k, v, mask, plan, problem)
-        out = lax.cond(accepted, lambda: fast, lambda: backend.attend_fallback(q, k, v, mask, problem))
+        # The fallback is rematerialised: otherwise its residuals, zeros when it does not run, are
+        # written by the conditional on every training step.
+        fallback = jax.checkpoint(backend.attend_fallback, static_argnums=(4,))
+        out = lax.cond(accepted, lambda: fast, lambda: fallback(q, k, v, mask, problem))
         _warn_on_fallback(backend, accepted)
     fill = empty_row_value(v, problem.probs_dtype, problem.num_heads)
     return jnp.where(has_keys[:, :, None, None], out, fill)

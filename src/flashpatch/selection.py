@@ -8,8 +8,10 @@ original einsum with one warning.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 
 from flashpatch import backends
 from flashpatch.backends.base import Problem
@@ -105,8 +107,31 @@ def _auto(problem: Problem) -> Choice:
 def choose(asked: str, problem: Problem) -> Choice:
     """Resolve `asked` ('auto' or a backend name) for `problem`, falling back where it cannot run."""
     if asked == "auto":
-        return _auto(problem)
-    reason = backends.get(asked).unsupported(problem)
-    if reason is None:
-        return Choice(asked, "asked for")
-    return Choice("reference", f"{asked} cannot run this call ({reason}); the original einsum runs", True)
+        choice = _auto(problem)
+    else:
+        reason = backends.get(asked).unsupported(problem)
+        if reason is None:
+            choice = Choice(asked, "asked for")
+        else:
+            choice = Choice("reference", f"{asked} cannot run this call ({reason}); the original einsum runs", True)
+    for seen in getattr(_recorders, "active", ()):
+        seen.append(choice)
+    return choice
+
+
+_recorders = threading.local()
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[Choice]]:
+    """Collect the choices made in this thread inside the block (at trace time: a cached jit makes none).
+
+    The benchmark reports with it which backend really ran a case, and why.
+    """
+    seen: list[Choice] = []
+    active = getattr(_recorders, "active", ())
+    _recorders.active = (*active, seen)
+    try:
+        yield seen
+    finally:
+        _recorders.active = active

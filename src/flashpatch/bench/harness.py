@@ -8,7 +8,7 @@ import gc
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Generic, TextIO, TypeVar
 
 import jax
@@ -77,24 +77,6 @@ class Lazy(Generic[T]):
 
     def drop(self) -> None:
         self._done, self._value, self._error = False, None, None
-
-
-@contextlib.contextmanager
-def recording_choices() -> Iterator[list[selection.Choice]]:
-    """Record every backend choice flashpatch makes while tracing (which backend really runs, and why)."""
-    seen: list[selection.Choice] = []
-    original = selection.choose
-
-    def choose(asked: str, problem: Any) -> selection.Choice:
-        choice = original(asked, problem)
-        seen.append(choice)
-        return choice
-
-    selection.choose = choose
-    try:
-        yield seen
-    finally:
-        selection.choose = original
 
 
 def rel_err(out: Any, ref: Any) -> float:
@@ -196,7 +178,7 @@ class Harness:
         Raises Unsupported when the variant's backend ran nowhere (flashpatch fell back to einsum).
         """
         start = time.perf_counter()
-        with context or contextlib.nullcontext(), recording_choices() as choices:
+        with context or contextlib.nullcontext(), selection.recording() as choices:
             lowered = jax.jit(fn, donate_argnums=donate).lower(*args)
         ran = sorted({choice.backend for choice in choices})
         fallbacks = sorted({choice.reason for choice in choices if choice.fallback})
