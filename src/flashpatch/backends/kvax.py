@@ -78,11 +78,12 @@ def sorted_causal_attention(q, k, v, plan: MaskPlan, tuning: kvax_tuning.Tuning)
     # everything and stay finite; no real row reaches a padded key), and cut the padding off after.
     block = max(tuning.forward.query, tuning.forward.kv, tuning.backward.query, tuning.backward.kv)
     beyond = kv_len + 2
-    q_sorted, q_pos = _pad(masks.gather_rows(q, q_order), q_pos, block, beyond)
-    k_sorted, k_pos = _pad(masks.gather_rows(k, k_order), k_pos, block, beyond)
-    v_sorted, _ = _pad(masks.gather_rows(v, k_order), k_pos, block, beyond)
+    # Permutations, whose gradients are gathers too (a plain gather's is a scatter-add).
+    q_sorted, q_pos = _pad(masks.permute_rows(q, q_order), q_pos, block, beyond)
+    k_sorted, k_pos = _pad(masks.permute_rows(k, k_order), k_pos, block, beyond)
+    v_sorted, _ = _pad(masks.permute_rows(v, k_order), k_pos, block, beyond)
     out = _kvax_causal(q_sorted, k_sorted, v_sorted, q_pos, k_pos, tuning)[:, :q_len]
-    return masks.gather_rows(out, masks.inverse(q_order))
+    return masks.permute_rows(out, masks.inverse(q_order))
 
 
 def _pad(x: jax.Array, pos: jax.Array, block: int, fill: int) -> tuple[jax.Array, jax.Array]:
