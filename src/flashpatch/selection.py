@@ -76,7 +76,7 @@ RULES: tuple[Rule, ...] = (
         ("cudnn", "cudnn_split", "kvax", "xla"),
         f"2**25 to 2**27 (query, key) pairs over batch and heads: {_H100}: 18-layer pi0 training step B=4 T=1024 "
         "cudnn 1.10x einsum, cudnn_split 1.09x (h100-2026-11-25-call8); B=8 T=S=1024 fwd+bwd cudnn 1.14x, "
-        "cudnn_split 0.93x (h100-2026-11-25-call6, before its last speed-up)",
+        "cudnn_split 0.93x (h100-2026-11-25-call7, before its last speed-up)",
     ),
     Rule(
         "cpu",
