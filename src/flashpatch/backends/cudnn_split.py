@@ -45,6 +45,7 @@ class Split(NamedTuple):
     head_rows: jax.Array  # (B,) int32
     head_keys: jax.Array  # (B,) int32
     tail_rows: jax.Array  # (B,) int32
+    keys_used: jax.Array  # (B, S) bool: keys that some row attends
     fits: jax.Array  # () bool: every tail has at most `tail_max` rows
     tail_max: int  # static: rows of the tail slab
 
@@ -64,6 +65,7 @@ def split(plan: MaskPlan, tail_max: int = TAIL_ROWS) -> Split:
         head_rows=head_rows,
         head_keys=jnp.where(head_rows > 0, least[:, 0], 0).astype(jnp.int32),
         tail_rows=tail_rows,
+        keys_used=plan.threshold <= kv_len,
         fits=jnp.all(tail_rows <= tail_max),
         tail_max=tail_max,
     )
@@ -145,7 +147,7 @@ def split_attention(q, k, v, mask, parts: Split, problem: Problem, *, mode: str,
     q_tail = _rows_at(q_sorted, start, parts.tail_max)
     tail_order = _rows_at(parts.q_order, start, parts.tail_max)  # original row of each slab row
     mask_tail = jnp.take_along_axis(mask, tail_order[:, :, None], axis=1) & real[:, :, None]
-    tail = tail_attention(q_tail, k, v, mask_tail, jnp.any(mask, axis=1), problem, mode, implementation)
+    tail = tail_attention(q_tail, k, v, mask_tail, parts.keys_used, problem, mode, implementation)
 
     head = head.astype(problem.out_dtype)
     slab = jnp.where(real[:, :, None, None], tail.astype(problem.out_dtype), _rows_at(head, start, parts.tail_max))
