@@ -24,7 +24,7 @@ run() {
         --backends reference,cudnn-dense,cudnn,cudnn_split,cudnn_split-cudnntail,kvax --sections correct,time \
         --correct-shapes 2x4096 --correct-backends cudnn,cudnn_split,cudnn_split-cudnntail --time-shapes 2x4096,32x870,8x1024,2x2048 ;;
     split_profile)  # issue 9: where cudnn_split's time goes
-      step split_profile 160 python3 scripts/gpu/split_profile.py --out "$OUT" --budget 140 ;;
+      step split_profile 220 python3 scripts/gpu/split_profile.py --out "$OUT" --budget 200 --shapes 2x4096,32x870 ;;
     split_times)  # issue 9's table alone: the exact paths at the two target shapes
       step split_times 90 python3 scripts/gpu/kvax_sweep.py --out "$OUT" --budget 70 --tag _split \
         --backends reference,cudnn-dense,cudnn,cudnn_split --sections time --time-shapes 2x4096,32x870 ;;

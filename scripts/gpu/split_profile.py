@@ -3,7 +3,9 @@
 Times, forward and forward+backward, side by side on the same inputs (pi0 layout, bf16, 8/1 heads,
 head_dim 256): the einsum; raw cuDNN with the dense mask and with no mask at all (the floor); raw
 cuDNN with sequence lengths on inputs sorted beforehand (the head alone); the mask analysis alone;
-cudnn_split's computation without flashpatch's conditionals; flashpatch's cudnn_split and cudnn.
+cudnn_split's computation without flashpatch's conditionals; then flashpatch's core around it, one
+piece at a time (mask check and fill; the fallback conditional, trivial or real, with and without
+rematerialisation; the warning's conditional); flashpatch's cudnn_split and cudnn.
 
 Run: PYTHONPATH=src python scripts/gpu/split_profile.py --out DIR [--shapes 32x870,2x4096]
 """
@@ -21,7 +23,7 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import environment, log, median_ms, openpi_mask, qkv, write
 
 import flashpatch
-from flashpatch import masks
+from flashpatch import core, masks
 from flashpatch.backends import cudnn_split
 from flashpatch.backends.base import Problem
 from flashpatch.backends.reference import reference_attention
@@ -48,6 +50,35 @@ def variants(problem: Problem) -> dict:
         parts = cudnn_split.split(masks.analyze(mask[:, 0]))
         return cudnn_split.split_attention(q, k, v, mask[:, 0], parts, problem, mode="einsum", implementation="cudnn")
 
+    backend = cudnn_split.CudnnSplitBackend()
+
+    def staged(cond: str, warn: bool):
+        """The core's composition around cudnn_split, rebuilt here piece by piece to time each piece.
+
+        cond: "none" (fast path only), "trivial" (a conditional that selects the fast path or zeros),
+        "plain" (the real fallback in the conditional), "remat" (the fallback rematerialised, as the core does).
+        """
+
+        def run(q, k, v, mask):
+            mask = mask[:, 0]
+            plan = masks.analyze(mask)
+            fast = backend.attend(q, k, v, mask, plan, problem)
+            if cond != "none":
+                accepted = backend.accepts(plan, problem)
+                fallback = backend.attend_fallback
+                if cond == "remat":
+                    fallback = jax.checkpoint(fallback, static_argnums=(4,))
+                if cond == "trivial":
+                    fast = jax.lax.cond(accepted, lambda: fast, lambda: jnp.zeros_like(fast))
+                else:
+                    fast = jax.lax.cond(accepted, lambda: fast, lambda: fallback(q, k, v, mask, problem))
+                if warn:
+                    core._warn_on_fallback(backend, accepted)
+            fill = core.empty_row_value(v, problem.probs_dtype, problem.num_heads)
+            return jnp.where((plan.rank > 0)[:, :, None, None], fast, fill)
+
+        return run
+
     def flashpatch_backend(name):
         settings = flashpatch.Settings(backend=name)
         return lambda q, k, v, mask: flashpatch.attention(q, k, v, mask, settings=settings)
@@ -63,6 +94,11 @@ def variants(problem: Problem) -> dict:
         "analysis_only": analysis,
         "head_only_sorted": sorted_head,
         "split_no_conds": bare_split,
+        "core_no_cond": staged("none", warn=False),
+        "core_trivial_cond": staged("trivial", warn=False),
+        "core_cond": staged("plain", warn=False),
+        "core_cond_remat": staged("remat", warn=False),
+        "core_cond_remat_warn": staged("remat", warn=True),
         "flashpatch_cudnn_split": flashpatch_backend("cudnn_split"),
         "flashpatch_cudnn": flashpatch_backend("cudnn"),
     }
@@ -92,9 +128,7 @@ def main() -> None:
                 if name != "analysis_only":
                     loss = lambda q, k, v, mask, cot, fn=fn: jnp.sum(fn(q, k, v, mask).astype(jnp.float32) * cot)  # noqa: E731
                     step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-                    row["fwdbwd_ms"] = median_ms(
-                        lambda q, k, v, mask, step=step: step(q, k, v, mask, cot), sets, args.repeats
-                    )
+                    row["fwdbwd_ms"] = median_ms(step, [(*inputs, cot) for inputs in sets], args.repeats)
             except Exception as err:
                 row["error"] = f"{type(err).__name__}: {str(err)[-300:]}"
             report["rows"].append(row)
