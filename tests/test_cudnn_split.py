@@ -185,9 +185,9 @@ def test_a_wrong_split_fails_the_suite(on_xla, monkeypatch) -> None:
 
 def test_fast_path_runs_outside_the_conditional(on_xla) -> None:
     """Inside a conditional the fast path ran 1.6-1.8x slower on the H100 (run 7), so only the fallback
-    may sit inside `cond`, forward and backward; and
-    the fallback is rematerialised, so the branch that passes the fast result through writes no residuals
-    beyond placeholders for q, k, v and the mask."""
+    may sit inside `cond`, forward and backward; the fallback warning adds no conditional of its own
+    (0.17 ms per call, run 10); and the fallback is rematerialised, so the branch that passes the fast
+    result through writes no residuals beyond placeholders for q, k, v and the mask."""
     import flashpatch
 
     q, k, v, mask = CASES["pi0_masked_image"].arrays("float32")
@@ -198,10 +198,11 @@ def test_fast_path_runs_outside_the_conditional(on_xla) -> None:
         return jnp.sum(flashpatch.attention(q, k, v, mask, settings=settings))
 
     placeholders = {"broadcast_in_dim", "empty", "empty2"}
-    for fn in (lambda *a: flashpatch.attention(*a, settings=settings), jax.grad(loss, argnums=(0, 1, 2))):
+    forward, training = (lambda *a: flashpatch.attention(*a, settings=settings)), jax.grad(loss, argnums=(0, 1, 2))
+    for fn, expected in ((forward, 1), (training, 2)):
         jaxpr = jax.make_jaxpr(fn)(q, k, v, mask).jaxpr
-        conds = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "cond" and eqn.outvars]
-        assert conds, "the structure check and its fallback should be one conditional"
+        conds = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "cond"]
+        assert len(conds) == expected, "one conditional per pass: the structure check's fallback, with its warning"
         for eqn in conds:
             accepted_branch = eqn.params["branches"][1].jaxpr
             assert {e.primitive.name for e in accepted_branch.eqns} <= placeholders, accepted_branch

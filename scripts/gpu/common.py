@@ -51,6 +51,31 @@ def median_ms(fn: Callable, inputs: list[tuple], repeats: int = 20, warmup: int 
     return statistics.median(times)
 
 
+def interleaved_medians(fns: dict[str, Callable], inputs: list[tuple], repeats: int = 20, warmup: int = 3) -> dict:
+    """name -> median ms of fn(*inputs[i]), synchronised each call, taking the variants in turn.
+
+    Round-robin, so a drift in clocks or memory state over the run falls on every variant alike;
+    a variant that fails while warming up maps to its error text instead.
+    """
+    times: dict[str, list[float]] = {}
+    result: dict = {}
+    for name, fn in fns.items():
+        try:
+            for i in range(warmup):
+                jax.block_until_ready(fn(*inputs[i % len(inputs)]))
+            times[name] = []
+        except Exception as err:
+            result[name] = f"{type(err).__name__}: {str(err)[-400:]}"
+    for i in range(repeats):
+        args = inputs[i % len(inputs)]
+        for name in times:
+            start = time.perf_counter()
+            jax.block_until_ready(fns[name](*args))
+            times[name].append((time.perf_counter() - start) * 1e3)
+    result.update({name: statistics.median(t) for name, t in times.items()})
+    return result
+
+
 def openpi_mask(batch: int, length: int, seed: int = 0) -> np.ndarray:
     """pi0 training layout of total length `length`: padded prompt mid-sequence, a missing image in odd rows."""
     layout = layouts.pi0(batch, length - 51, actions=50, masked_image=1, seed=seed)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import environment, log, median_ms, openpi_mask, qkv, rel_err, write
+from common import environment, interleaved_medians, log, median_ms, openpi_mask, qkv, rel_err, write
 
 import flashpatch
 from flashpatch import masks
@@ -190,22 +190,28 @@ def main() -> None:
         mask = jnp.asarray(openpi_mask(batch, length))[:, None]
         sets = [(*qkv(batch, length, length, seed=s), mask) for s in (0, 1)]
         cot = jax.random.normal(jax.random.PRNGKey(2), sets[0][0].shape, jnp.float32)
-        base = {}
+        # Every variant's forward and fwd+bwd, timed in turn (interleaved), on the same inputs.
+        fns = {}
+        for backend in backends:
+            fn = attention_fn(backend)
+            fns[(backend, "fwd_ms")] = jax.jit(fn)
+            fns[(backend, "fwdbwd_ms")] = fwd_bwd(fn, cot)
+        medians = interleaved_medians(fns, sets, args.repeats)
+        entries = []
         for backend in backends:
             entry = {"batch": batch, "len": length, "backend": backend}
-            try:
-                fn = attention_fn(backend)
-                entry["fwd_ms"] = median_ms(jax.jit(fn), sets, args.repeats)
-                entry["fwdbwd_ms"] = median_ms(fwd_bwd(fn, cot), sets, args.repeats)
-                if backend == "reference":
-                    base = entry
+            for key in ("fwd_ms", "fwdbwd_ms"):
+                value = medians[(backend, key)]
+                entry[key if isinstance(value, float) else "error"] = value
+            entries.append(entry)
+        base = next((e for e in entries if e["backend"] == "reference" and "error" not in e), None)
+        for entry in entries:
+            if base and "error" not in entry:
                 entry["fwd_speedup"] = base["fwd_ms"] / entry["fwd_ms"]
                 entry["fwdbwd_speedup"] = base["fwdbwd_ms"] / entry["fwdbwd_ms"]
-            except Exception as err:
-                entry["error"] = f"{type(err).__name__}: {str(err)[-400:]}"
-            report["time"].append(entry)
             log("time", entry)
-            save()
+        report["time"] += entries
+        save()
 
     # block sweep
     if report["import"].get("ok") and "sweep" in sections:

@@ -5,7 +5,8 @@ head_dim 256): the einsum; raw cuDNN with the dense mask and with no mask at all
 cuDNN with sequence lengths on inputs sorted beforehand (the head alone); the mask analysis alone;
 cudnn_split's computation without flashpatch's conditionals; then flashpatch's core around it, one
 piece at a time (mask check and fill; the fallback conditional, trivial or real, with and without
-rematerialisation; the warning's conditional); flashpatch's cudnn_split and cudnn.
+rematerialisation; a second conditional for the warning, as the core had before); flashpatch's
+cudnn_split and cudnn.
 
 Run: PYTHONPATH=src python scripts/gpu/split_profile.py --out DIR [--shapes 32x870,2x4096]
 """
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import environment, log, median_ms, openpi_mask, qkv, write
+from common import environment, interleaved_medians, log, openpi_mask, qkv, write
 
 import flashpatch
 from flashpatch import core, masks
@@ -72,8 +73,8 @@ def variants(problem: Problem) -> dict:
                     fast = jax.lax.cond(accepted, lambda: fast, lambda: jnp.zeros_like(fast))
                 else:
                     fast = jax.lax.cond(accepted, lambda: fast, lambda: fallback(q, k, v, mask, problem))
-                if warn:
-                    core._warn_on_fallback(backend, accepted)
+                if warn:  # the warning in a conditional of its own, as the core did before commit "one conditional"
+                    jax.lax.cond(accepted, lambda: None, lambda: jax.debug.callback(lambda: None))
             fill = core.empty_row_value(v, problem.probs_dtype, problem.num_heads)
             return jnp.where((plan.rank > 0)[:, :, None, None], fast, fill)
 
@@ -98,7 +99,7 @@ def variants(problem: Problem) -> dict:
         "core_trivial_cond": staged("trivial", warn=False),
         "core_cond": staged("plain", warn=False),
         "core_cond_remat": staged("remat", warn=False),
-        "core_cond_remat_warn": staged("remat", warn=True),
+        "core_cond_remat_warncond": staged("remat", warn=True),
         "flashpatch_cudnn_split": flashpatch_backend("cudnn_split"),
         "flashpatch_cudnn": flashpatch_backend("cudnn"),
     }
@@ -114,26 +115,30 @@ def main() -> None:
     start = time.time()
     report = {"env": environment(" ".join(sys.argv)), "rows": []}
     for item in args.shapes.split(","):
+        if time.time() - start > args.budget:
+            break
         batch, length = (int(n) for n in item.split("x"))
         mask = jnp.asarray(openpi_mask(batch, length))[:, None]
         sets = [(*qkv(batch, length, length, seed=s), mask) for s in (0, 1)]
         cot = jax.random.normal(jax.random.PRNGKey(2), sets[0][0].shape, jnp.float32)
         problem = Problem.of(*sets[0][:3], jnp.bfloat16, "gpu")
+        fns = {}
         for name, fn in variants(problem).items():
-            if time.time() - start > args.budget:
-                break
+            fns[(name, "fwd_ms")] = jax.jit(lambda q, k, v, mask, cot, fn=fn: fn(q, k, v, mask))
+            if name != "analysis_only":
+                loss = lambda q, k, v, mask, cot, fn=fn: jnp.sum(fn(q, k, v, mask).astype(jnp.float32) * cot)  # noqa: E731
+                fns[(name, "fwdbwd_ms")] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+        # Every variant in turn (interleaved), so drift over the run falls on all of them alike.
+        medians = interleaved_medians(fns, [(*inputs, cot) for inputs in sets], args.repeats)
+        for name in variants(problem):
             row = {"batch": batch, "len": length, "variant": name}
-            try:
-                row["fwd_ms"] = median_ms(jax.jit(fn), sets, args.repeats)
-                if name != "analysis_only":
-                    loss = lambda q, k, v, mask, cot, fn=fn: jnp.sum(fn(q, k, v, mask).astype(jnp.float32) * cot)  # noqa: E731
-                    step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-                    row["fwdbwd_ms"] = median_ms(step, [(*inputs, cot) for inputs in sets], args.repeats)
-            except Exception as err:
-                row["error"] = f"{type(err).__name__}: {str(err)[-300:]}"
+            for key in ("fwd_ms", "fwdbwd_ms"):
+                value = medians.get((name, key))
+                if value is not None:
+                    row[key if isinstance(value, float) else "error"] = value
             report["rows"].append(row)
             log("profile", row)
-            write(args.out, "split_profile.json", report)
+        write(args.out, "split_profile.json", report)
     log(f"\n=== done in {time.time() - start:.0f}s ===")
     for r in report["rows"]:
         times = f"{r.get('fwd_ms', float('nan')):7.3f}  {r.get('fwdbwd_ms', float('nan')):7.3f}"
