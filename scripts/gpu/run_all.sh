@@ -24,9 +24,9 @@ run() {
         --backends reference,cudnn-dense,cudnn,cudnn_split,cudnn_split-cudnntail,kvax --sections correct,time \
         --correct-shapes 2x4096 --correct-backends cudnn,cudnn_split,cudnn_split-cudnntail --time-shapes 2x4096,32x870,8x1024,2x2048 ;;
     split_profile)  # issue 9: where cudnn_split's time goes
-      step split_profile 220 python3 scripts/gpu/split_profile.py --out "$OUT" --budget 200 --shapes 2x4096,32x870 ;;
+      step split_profile 160 python3 scripts/gpu/split_profile.py --out "$OUT" --budget 140 --shapes 2x4096,32x870 ;;
     split_times)  # issue 9's table alone: the exact paths at the two target shapes
-      step split_times 90 python3 scripts/gpu/kvax_sweep.py --out "$OUT" --budget 70 --tag _split \
+      step split_times 120 python3 scripts/gpu/kvax_sweep.py --out "$OUT" --budget 100 --repeats 40 --tag _split \
         --backends reference,cudnn-dense,cudnn,cudnn_split --sections time --time-shapes 2x4096,32x870 ;;
     bench_core)  # issue 5, attention core, every backend; plots are rendered off the device
       step bench_core 180 python3 scripts/benchmark_attention.py --out "$OUT/bench_core" --scenarios core \
@@ -40,7 +40,7 @@ run() {
     gpu_models)
       step gpu_models 150 "${pytest_q[@]}" -k "cudnn_split or kvax" tests/test_gpu_models.py ;;
     conformance)
-      step conformance 90 "${pytest_q[@]}" -k "cudnn_split and bfloat16" tests/test_backend_conformance.py ;;
+      step conformance 120 "${pytest_q[@]}" -k "cudnn_split and bfloat16" tests/test_backend_conformance.py ;;
     conformance_all)
       step conformance_all 150 "${pytest_q[@]}" -k "(kvax or cudnn) and bfloat16" tests/test_backend_conformance.py ;;
     short)  # issue 3/4: pi0 sample_actions and pi0-FAST decode; kvax's per-call overhead
