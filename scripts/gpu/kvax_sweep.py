@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import environment, interleaved_medians, log, median_ms, openpi_mask, qkv, rel_err, write
+from common import environment, log, median_ms, medians_in_rounds, openpi_mask, qkv, rel_err, write
 
 import flashpatch
 from flashpatch import masks
@@ -190,13 +190,13 @@ def main() -> None:
         mask = jnp.asarray(openpi_mask(batch, length))[:, None]
         sets = [(*qkv(batch, length, length, seed=s), mask) for s in (0, 1)]
         cot = jax.random.normal(jax.random.PRNGKey(2), sets[0][0].shape, jnp.float32)
-        # Every variant's forward and fwd+bwd, timed in turn (interleaved), on the same inputs.
+        # Every variant's forward and fwd+bwd, in rounds (common.medians_in_rounds), on the same inputs.
         fns = {}
         for backend in backends:
             fn = attention_fn(backend)
             fns[(backend, "fwd_ms")] = jax.jit(fn)
             fns[(backend, "fwdbwd_ms")] = fwd_bwd(fn, cot)
-        medians = interleaved_medians(fns, sets, args.repeats)
+        medians = medians_in_rounds(fns, sets, args.repeats)
         entries = []
         for backend in backends:
             entry = {"batch": batch, "len": length, "backend": backend}

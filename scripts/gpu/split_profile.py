@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import environment, interleaved_medians, log, openpi_mask, qkv, write
+from common import environment, log, medians_in_rounds, openpi_mask, qkv, write
 
 import flashpatch
 from flashpatch import core, masks
@@ -128,8 +128,8 @@ def main() -> None:
             if name != "analysis_only":
                 loss = lambda q, k, v, mask, cot, fn=fn: jnp.sum(fn(q, k, v, mask).astype(jnp.float32) * cot)  # noqa: E731
                 fns[(name, "fwdbwd_ms")] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-        # Every variant in turn (interleaved), so drift over the run falls on all of them alike.
-        medians = interleaved_medians(fns, [(*inputs, cot) for inputs in sets], args.repeats)
+        # Every variant in rounds (common.medians_in_rounds), so drift over the run falls on all alike.
+        medians = medians_in_rounds(fns, [(*inputs, cot) for inputs in sets], args.repeats)
         for name in variants(problem):
             row = {"batch": batch, "len": length, "variant": name}
             for key in ("fwd_ms", "fwdbwd_ms"):
