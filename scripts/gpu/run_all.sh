@@ -25,6 +25,9 @@ run() {
         --correct-shapes 2x4096 --correct-backends cudnn,cudnn_split,cudnn_split-cudnntail --time-shapes 2x4096,32x870,8x1024,2x2048 ;;
     split_profile)  # issue 9: where cudnn_split's time goes
       step split_profile 160 python3 scripts/gpu/split_profile.py --out "$OUT" --budget 140 --shapes 2x4096,32x870 ;;
+    split_profile_cmdbuf)  # issue 9: the same, with conditionals inside CUDA graphs (an XLA flag users can set)
+      XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=+CONDITIONAL" step split_profile_cmdbuf 160 \
+        python3 scripts/gpu/split_profile.py --out "$OUT/cmdbuf" --budget 140 --shapes 2x4096,32x870 ;;
     split_times)  # issue 9's table alone: the exact paths at the two target shapes
       step split_times 120 python3 scripts/gpu/kvax_sweep.py --out "$OUT" --budget 100 --repeats 40 --tag _split \
         --backends reference,cudnn-dense,cudnn,cudnn_split --sections time --time-shapes 2x4096,32x870 ;;
