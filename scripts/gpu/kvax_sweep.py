@@ -121,6 +121,7 @@ def main() -> None:
     parser.add_argument("--time-shapes", default="", help="override, e.g. 2x1024,2x4096 (batch x length)")
     parser.add_argument("--correct-shapes", default="", help="override, as --time-shapes")
     parser.add_argument("--correct-backends", default="", help="variants the correct section checks (default: all)")
+    parser.add_argument("--head-dim", type=int, default=256, help="for the correct and time sections (openpi: 256)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script on CPU")
     args = parser.parse_args()
     start = time.time()
@@ -157,7 +158,7 @@ def main() -> None:
         if over():
             break
         mask = jnp.asarray(openpi_mask(batch, length))[:, None]
-        q, k, v = qkv(batch, length, length, seed=length)
+        q, k, v = qkv(batch, length, length, head_dim=args.head_dim, seed=length)
         cot = jax.random.normal(jax.random.PRNGKey(1), q.shape, jnp.float32)
         f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
         ref_fn = lambda q, k, v, mask: reference_attention(f32(q), f32(k), f32(v), mask[:, 0], jnp.float32)  # noqa: E731
@@ -188,7 +189,7 @@ def main() -> None:
         if over():
             break
         mask = jnp.asarray(openpi_mask(batch, length))[:, None]
-        sets = [(*qkv(batch, length, length, seed=s), mask) for s in (0, 1)]
+        sets = [(*qkv(batch, length, length, head_dim=args.head_dim, seed=s), mask) for s in (0, 1)]
         cot = jax.random.normal(jax.random.PRNGKey(2), sets[0][0].shape, jnp.float32)
         # Every variant's forward and fwd+bwd, in rounds (common.medians_in_rounds), on the same inputs.
         fns = {}

@@ -23,6 +23,9 @@ run() {
       step split_timings 250 python3 scripts/gpu/kvax_sweep.py --out "$OUT" --budget 200 --tag _split \
         --backends reference,cudnn-dense,cudnn,cudnn_split,cudnn_split-cudnntail,kvax --sections correct,time \
         --correct-shapes 2x4096 --correct-backends cudnn,cudnn_split,cudnn_split-cudnntail --time-shapes 2x4096,32x870,8x1024,2x2048 ;;
+    parity_shapes)  # issue 6/3: every backend's exactness at the parity model's head_dim 64, T=867 and 2048
+      step parity_shapes 200 python3 scripts/gpu/kvax_sweep.py --out "$OUT" --budget 180 --tag _parity_shapes \
+        --backends reference,cudnn,cudnn_split,kvax --sections correct --correct-shapes 8x867,8x2048 --head-dim 64 ;;
     split_profile)  # issue 9: where cudnn_split's time goes
       step split_profile 160 python3 scripts/gpu/split_profile.py --out "$OUT" --budget 140 --shapes 2x4096,32x870 ;;
     split_profile_cmdbuf)  # issue 9: the same, with conditionals inside CUDA graphs (an XLA flag users can set)
