@@ -18,11 +18,28 @@ _MIB = 2**20
 
 
 def load(out: pathlib.Path) -> list[dict]:
-    """Every results file in `out`, shortest T first."""
+    """Every results file in `out`, shortest T first, then by run seed."""
     records = [json.loads(p.read_text()) for p in out.glob("results_T*.json")]
     if not records:
         raise FileNotFoundError(f"no results_T*.json in {out}")
-    return sorted(records, key=lambda r: r["seq_len"])
+    return sorted(records, key=lambda r: (r["seq_len"], run_seed(r)))
+
+
+def run_seed(record: dict) -> int:
+    """The seed of a record's runs (files written before --seeds existed hold it in args)."""
+    return record.get("run_seed", record["args"]["seed"])
+
+
+def _by_length(records: list[dict]) -> dict[int, list[dict]]:
+    grouped: dict[int, list[dict]] = {}
+    for record in records:
+        grouped.setdefault(record["seq_len"], []).append(record)
+    return grouped
+
+
+def final_loss(record: dict, name: str) -> float:
+    run = next(r for r in record["runs"] if r["name"] == name)
+    return float(np.mean(run["losses"][-record["final_steps"] :]))
 
 
 def render(out: pathlib.Path) -> list[pathlib.Path]:
@@ -49,6 +66,7 @@ def plot(records: list[dict], path: pathlib.Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    records = [group[0] for group in _by_length(records).values()]  # one column per T: its first run seed
     fig, axes = plt.subplots(2, len(records), figsize=(6.5 * len(records), 7), squeeze=False, sharex="col")
     for col, record in enumerate(records):
         runs = record["runs"]
@@ -70,7 +88,7 @@ def plot(records: list[dict], path: pathlib.Path) -> None:
                 shown = np.where(gap > 0, gap, np.nan)  # a log axis has no zero; exact steps leave holes
                 bottom.plot(steps[window - 1 :], shown, color=f"C{i}", lw=1, label=label)
         env = record["environment"]
-        top.set_title(f"T = {record['seq_len']}  ({env['device']}, {record['args']['dtype']})")
+        top.set_title(f"T = {record['seq_len']}, seed {run_seed(record)}  ({env['device']}, {record['args']['dtype']})")
         top.set_yscale("log")
         top.set_ylabel("flow-matching loss (dots: held-out)")
         top.legend(fontsize=8)
@@ -86,11 +104,13 @@ def plot(records: list[dict], path: pathlib.Path) -> None:
 
 def summary(records: list[dict]) -> str:
     lines = ["# Training parity results", ""]
+    groups = _by_length(records)
     for record in records:
         args, env = record["args"], record["environment"]
         final_k = record["final_steps"]
+        several = len(groups[record["seq_len"]]) > 1
         lines += [
-            f"## T = {record['seq_len']}",
+            f"## T = {record['seq_len']}" + (f", run seed {run_seed(record)}" if several else ""),
             "",
             f"{env['device']} ({env['platform']}), jax {env['jax']}; {args['steps']} steps, batch {args['batch']}, "
             f"width {args['width']}/{args['expert_width'] or args['width'] // 2}, depth {args['depth']}, "
@@ -130,6 +150,8 @@ def summary(records: list[dict]) -> str:
         if notes:
             lines += ["", "flashpatch said:", *notes]
         lines.append("")
+        if several and record is groups[record["seq_len"]][-1]:
+            lines += over_seeds(groups[record["seq_len"]])
     lines += [
         "XLA step memory: XLA's plan for one compiled train step (temporaries + arguments + outputs - donated).",
         "Device peak so far: the allocator's peak since the process started, read after each run (runs share",
@@ -137,6 +159,45 @@ def summary(records: list[dict]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def over_seeds(group: list[dict]) -> list[str]:
+    """The runs of one T compared through their final losses' means over run seeds (each seed a paired set)."""
+    baseline = group[0]["runs"][0]["name"]
+    names = [
+        run["name"] for run in group[0]["runs"] if all(any(r["name"] == run["name"] for r in g["runs"]) for g in group)
+    ]
+    finals = {name: np.array([final_loss(record, name) for record in group]) for name in names}
+    base_mean = finals[baseline].mean()
+    seeds = ", ".join(str(run_seed(record)) for record in group)
+    lines = [
+        f"## T = {group[0]['seq_len']}, over run seeds {seeds}",
+        "",
+        "Each seed trains every run from the same parameters on the same batches; between seeds the parameters, "
+        "batches and noise change, the task does not.",
+        "",
+        "| run | mean final loss | spread over seeds (max - min) | mean vs unpatched mean "
+        "| per seed, vs that seed's unpatched |",
+        "|---|---|---|---|---|",
+    ]
+    worst = 0.0
+    for name in names:
+        values = finals[name]
+        spread = f"{values.max() - values.min():.5f} ({(values.max() - values.min()) / values.mean():.2%})"
+        if name == baseline:
+            lines.append(f"| {name} | {values.mean():.5f} | {spread} | baseline | |")
+            continue
+        diff = abs(values.mean() - base_mean) / base_mean
+        worst = max(worst, diff)
+        per_seed = ", ".join(f"{(v - b) / b:+.2e}" for v, b in zip(values, finals[baseline], strict=True))
+        lines.append(f"| {name} | {values.mean():.5f} | {spread} | {diff:.2e} | {per_seed} |")
+    verdict = "PASS" if worst <= FINAL_TOLERANCE else "FAIL"
+    lines += [
+        "",
+        f"Largest difference of mean final losses: {worst:.2e} ({verdict}: tolerance {FINAL_TOLERANCE:.0%}).",
+        "",
+    ]
+    return lines
 
 
 if __name__ == "__main__":

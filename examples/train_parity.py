@@ -10,6 +10,7 @@ T found in --out) and summary.md (final losses, gaps, step times, memory).
     python examples/train_parity.py --steps 30 --width 32 --depth 2 --seq-len 67 --dtype float32 \
         --horizon 10 --action-dim 8 --prompt 8 --batch 4 --out /tmp/parity                  # CPU smoke
     python examples/train_parity.py --openpi --out parity-openpi                            # real openpi
+    python examples/train_parity.py --seq-len 2048 --seeds 0,1,2 --backends cudnn_split --out p2048  # over seeds
 
 Several commands may write into the same --out (one per T, say): the PNG and summary cover them all.
 """
@@ -49,7 +50,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--horizon", type=int, default=50, help="action tokens")
     p.add_argument("--action-dim", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, warm-up then cosine)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the task, and of the run unless --seeds is given")
+    p.add_argument(
+        "--seeds",
+        type=_int_list,
+        default=None,
+        help="several run seeds (initial parameters, batches, noise), comma-separated, on the same task: each seed "
+        "trains every run; the summary compares the means over seeds",
+    )
     p.add_argument("--eval-every", type=int, default=250, help="held-out loss every N steps (0: never)")
     p.add_argument(
         "--backends",
@@ -93,7 +101,8 @@ def layout_for(args: argparse.Namespace, seq_len: int) -> pi0.Layout:
     )
 
 
-def run_seq_len(args: argparse.Namespace, seq_len: int, backend_names: list[str]) -> dict:
+def run_seq_len(args: argparse.Namespace, seq_len: int, backend_names: list[str], seed: int | None = None) -> dict:
+    """Train every run at one length; `seed` (from --seeds) replaces --seed for the runs, not for the task."""
     layout = layout_for(args, seq_len)
     model = pi0.build(
         layout,
@@ -105,14 +114,18 @@ def run_seq_len(args: argparse.Namespace, seq_len: int, backend_names: list[str]
         dtype=args.dtype,
     )
     task = pi0.Task.create(layout, seed=args.seed + 1)
+    run_seed = args.seed if seed is None else seed
     config = parity.TrainConfig(
-        steps=args.steps, batch=args.batch, learning_rate=args.lr, seed=args.seed, eval_every=args.eval_every
+        steps=args.steps, batch=args.batch, learning_rate=args.lr, seed=run_seed, eval_every=args.eval_every
     )
     print(
-        f"T={seq_len}: cameras {layout.cameras}, prompt {layout.prompt}, 1 state, {layout.horizon} actions", flush=True
+        f"T={seq_len}, run seed {run_seed}: cameras {layout.cameras}, prompt {layout.prompt}, 1 state, "
+        f"{layout.horizon} actions",
+        flush=True,
     )
     record = {
         "seq_len": seq_len,
+        "run_seed": run_seed,
         "layout": {"cameras": layout.cameras, "prompt": layout.prompt, "horizon": layout.horizon},
         "args": {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()},
         "environment": _environment(),
@@ -121,7 +134,7 @@ def run_seq_len(args: argparse.Namespace, seq_len: int, backend_names: list[str]
         "runs": [],
         "gaps": {},
     }
-    path = args.out / f"results_T{seq_len}.json"
+    path = args.out / (f"results_T{seq_len}.json" if seed is None else f"results_T{seq_len}_seed{seed}.json")
     progress = _Progress(args.steps)
 
     def on_run(result: parity.RunResult) -> None:
@@ -190,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     print(f"{_environment()}; backends: unpatched, {', '.join(backend_names)}", flush=True)
     for seq_len in lengths:
-        run_seq_len(args, seq_len, backend_names)
+        for seed in args.seeds or [None]:
+            run_seq_len(args, seq_len, backend_names, seed)
     for path in parity_report.render(args.out):
         print(f"wrote {path}", flush=True)
     return 0

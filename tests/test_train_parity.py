@@ -76,11 +76,72 @@ def test_compare_treats_nan_as_an_infinite_gap() -> None:
     assert gap.max_rel_gap == np.inf and gap.final_rel_diff == np.inf and not gap.identical
 
 
-def test_openpi_mode_skips_cleanly_without_openpi(monkeypatch, tmp_path, capsys) -> None:
-    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "openpi_parity.py"
-    spec = importlib.util.spec_from_file_location("openpi_parity", path)
+def _example(name: str):
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def _record(seed: int, finals: dict[str, float]) -> dict:
+    """A results file as train_parity.py writes it, with constant losses (so each final loss is known)."""
+    runs = [
+        {
+            "name": name,
+            "losses": [loss] * 40,
+            "eval_steps": [],
+            "eval_losses": [],
+            "memory": {},
+            "notes": [],
+            "median_step_s": 0.01,
+            "compile_s": 1.0,
+        }
+        for name, loss in finals.items()
+    ]
+    base = finals["unpatched"]
+    gaps = {
+        name: {
+            "final_rel_diff": abs(loss - base) / base,
+            "identical": False,
+            "max_rel_gap": 0.0,
+            "max_rel_gap_smoothed": 0.0,
+            "window": 2,
+        }
+        for name, loss in finals.items()
+        if name != "unpatched"
+    }
+    return {
+        "seq_len": 2048,
+        "run_seed": seed,
+        "final_steps": 10,
+        "runs": runs,
+        "gaps": gaps,
+        "layout": {"cameras": [1], "prompt": 2, "horizon": 1},
+        "environment": {"device": "test", "platform": "cpu", "jax": "x"},
+        "args": {"steps": 40, "batch": 1, "width": 8, "expert_width": None, "depth": 1, "dtype": "float32", "seed": 0},
+    }
+
+
+def test_summary_over_seeds_compares_the_means() -> None:
+    """Seeds 4% apart each way average out: the means decide, and each seed's own gap is still shown."""
+    report = _example("parity_report")
+    records = [
+        _record(0, {"unpatched": 1.00, "flash": 1.04}),
+        _record(1, {"unpatched": 1.00, "flash": 0.97}),
+    ]
+    text = report.summary(records)
+    assert "## T = 2048, run seed 0" in text and "## T = 2048, run seed 1" in text
+    over = text[text.index("over run seeds 0, 1") :]
+    assert "| flash | 1.00500 | 0.07000 (6.97%) | 5.00e-03 | +4.00e-02, -3.00e-02 |" in over, over
+    assert "(PASS: tolerance 2%)" in over
+    records[1] = _record(1, {"unpatched": 1.00, "flash": 1.01})  # mean 2.5% above
+    text = report.summary(records)
+    assert "(FAIL: tolerance 2%)" in text[text.index("over run seeds") :]
+
+
+def test_openpi_mode_skips_cleanly_without_openpi(monkeypatch, tmp_path, capsys) -> None:
+    module = _example("openpi_parity")
     monkeypatch.setitem(sys.modules, "openpi", None)  # import openpi now raises ImportError
     assert module.main(argparse.Namespace(out=tmp_path)) == 0
     assert "openpi is not importable" in capsys.readouterr().out
