@@ -56,8 +56,8 @@ def medians_in_rounds(fns: dict, inputs: list[tuple], repeats: int = 20, rounds:
 
     Each round times every variant in turn, a block of consecutive calls each (as a training loop
     calls one step again and again), so a drift in clocks or memory state over the run falls on every
-    variant alike. Taking the variants in turn call by call instead (H100 run 10) slowed the short
-    kernels most (0.15 -> 0.29 ms for the mask analysis alone), a cost a training loop does not pay.
+    variant alike. Taking the variants in turn call by call instead (H100 run 11) slowed the short
+    kernels most (0.15 ms in run 10 -> 0.29 for the mask analysis alone), a cost a training loop does not pay.
     A variant that fails while warming up maps to its error text instead.
     """
     times: dict = {}
