@@ -37,8 +37,8 @@ def _by_length(records: list[dict]) -> dict[int, list[dict]]:
     return grouped
 
 
-def final_loss(record: dict, name: str) -> float:
-    run = next(r for r in record["runs"] if r["name"] == name)
+def final_loss(record: dict, run: dict) -> float:
+    """Mean loss of a run's last `final_steps` steps."""
     return float(np.mean(run["losses"][-record["final_steps"] :]))
 
 
@@ -123,7 +123,7 @@ def summary(records: list[dict]) -> str:
         ]
         for run in record["runs"]:
             gap = record["gaps"].get(run["name"])
-            final = float(np.mean(run["losses"][-final_k:]))
+            final = final_loss(record, run)
             memory = run["memory"]
             warned = any(note.startswith("warning:") for note in run["notes"])
             cells = [
@@ -164,10 +164,12 @@ def summary(records: list[dict]) -> str:
 def over_seeds(group: list[dict]) -> list[str]:
     """The runs of one T compared through their final losses' means over run seeds (each seed a paired set)."""
     baseline = group[0]["runs"][0]["name"]
-    names = [
-        run["name"] for run in group[0]["runs"] if all(any(r["name"] == run["name"] for r in g["runs"]) for g in group)
-    ]
-    finals = {name: np.array([final_loss(record, name) for record in group]) for name in names}
+    by_name = [{run["name"]: run for run in record["runs"]} for record in group]
+    names = [run["name"] for run in group[0]["runs"] if all(run["name"] in runs for runs in by_name)]
+    finals = {
+        name: np.array([final_loss(record, runs[name]) for record, runs in zip(group, by_name, strict=True)])
+        for name in names
+    }
     base_mean = finals[baseline].mean()
     seeds = ", ".join(str(run_seed(record)) for record in group)
     lines = [

@@ -71,7 +71,7 @@ def test_split_of_pi0_layouts() -> None:
         np.testing.assert_array_equal(parts.head_rows, prefix_valid)
         np.testing.assert_array_equal(parts.head_keys, prefix_valid)
         np.testing.assert_array_equal(parts.tail_rows, [suffix] * 3)
-        assert bool(parts.fits)
+        assert bool(cudnn_split.tail_fits(masks.analyze(jnp.asarray(layout.mask)), cudnn_split.TAIL_ROWS))
         # the head rows come first in sorted order and are the valid prefix rows, in sequence order
         for b in range(3):
             head = np.asarray(parts.q_order[b, : prefix_valid[b]])
@@ -87,8 +87,9 @@ def test_split_of_empty_rows_and_long_tails() -> None:
     np.testing.assert_array_equal(parts.head_rows, [1, 0])
     np.testing.assert_array_equal(parts.head_keys, [1, 0])
     np.testing.assert_array_equal(parts.tail_rows, [5, 0])
-    assert not bool(parts.fits)
-    assert bool(_split(mask, tail_max=5).fits)
+    plan = masks.analyze(jnp.asarray(mask))
+    assert not bool(cudnn_split.tail_fits(plan, 4))
+    assert bool(cudnn_split.tail_fits(plan, 5))
 
 
 def test_head_goes_to_cudnn_as_sequence_lengths(monkeypatch) -> None:

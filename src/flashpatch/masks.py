@@ -55,11 +55,6 @@ def key_order(plan: MaskPlan) -> jax.Array:
     return jnp.argsort(plan.threshold, axis=-1, stable=True)
 
 
-def query_order(plan: MaskPlan) -> jax.Array:
-    """(B, T) permutation that sorts query rows by rank (fully masked rows first), stably."""
-    return jnp.argsort(plan.rank, axis=-1, stable=True)
-
-
 def inverse(order: jax.Array) -> jax.Array:
     """The permutation that undoes `order` along the last axis."""
     return jnp.argsort(order, axis=-1)

@@ -46,27 +46,35 @@ class Split(NamedTuple):
     head_keys: jax.Array  # (B,) int32
     tail_rows: jax.Array  # (B,) int32
     keys_used: jax.Array  # (B, S) bool: keys that some row attends
-    fits: jax.Array  # () bool: every tail has at most `tail_max` rows
     tail_max: int  # static: rows of the tail slab
 
 
-def split(plan: MaskPlan, tail_max: int = TAIL_ROWS) -> Split:
-    """The head/tail split of a mask in chain form (`plan.exact` is the caller's to check)."""
+def _row_counts(plan: MaskPlan) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Per batch row: the sort key of the query rows, the least positive rank, and the head's and tail's row counts."""
     kv_len = plan.threshold.shape[-1]
     attends = plan.rank > 0
     order_key = jnp.where(attends, plan.rank, kv_len + 1)
-    least = jnp.min(order_key, axis=-1, keepdims=True)
-    head = attends & (plan.rank == least)
-    head_rows = jnp.sum(head, axis=-1, dtype=jnp.int32)
+    least = jnp.min(order_key, axis=-1)
+    head_rows = jnp.sum(attends & (plan.rank == least[:, None]), axis=-1, dtype=jnp.int32)
     tail_rows = jnp.sum(attends, axis=-1, dtype=jnp.int32) - head_rows
+    return order_key, least, head_rows, tail_rows
+
+
+def tail_fits(plan: MaskPlan, tail_max: int) -> jax.Array:
+    """() bool: every batch row's tail has at most `tail_max` rows (no sorting needed to tell)."""
+    return jnp.all(_row_counts(plan)[3] <= tail_max)
+
+
+def split(plan: MaskPlan, tail_max: int = TAIL_ROWS) -> Split:
+    """The head/tail split of a mask in chain form (`plan.exact` and `tail_fits` are the caller's to check)."""
+    order_key, least, head_rows, tail_rows = _row_counts(plan)
     return Split(
         q_order=jnp.argsort(order_key, axis=-1, stable=True),
         k_order=masks.key_order(plan),
         head_rows=head_rows,
-        head_keys=jnp.where(head_rows > 0, least[:, 0], 0).astype(jnp.int32),
+        head_keys=jnp.where(head_rows > 0, least, 0).astype(jnp.int32),
         tail_rows=tail_rows,
-        keys_used=plan.threshold <= kv_len,
-        fits=jnp.all(tail_rows <= tail_max),
+        keys_used=plan.threshold <= plan.threshold.shape[-1],
         tail_max=tail_max,
     )
 
@@ -180,7 +188,7 @@ class CudnnSplitBackend(Backend):
         return self._cudnn.unsupported(problem)
 
     def accepts(self, plan: MaskPlan, problem: Problem) -> jax.Array:
-        return plan.exact & split(plan, min(self.tail_max, problem.q_len)).fits
+        return plan.exact & tail_fits(plan, min(self.tail_max, problem.q_len))
 
     def attend_fallback(self, q, k, v, mask, problem: Problem) -> jax.Array:
         return cudnn.cudnn_attention(

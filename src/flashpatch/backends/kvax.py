@@ -64,7 +64,7 @@ def causal_layout(plan: MaskPlan):
     kv_len = plan.threshold.shape[-1]
     q_pos = jnp.where(plan.rank > 0, plan.rank, kv_len + 1).astype(jnp.int32)
     q_order = jnp.argsort(q_pos, axis=-1, stable=True)
-    k_order = jnp.argsort(plan.threshold, axis=-1, stable=True)
+    k_order = masks.key_order(plan)
     q_pos = jnp.take_along_axis(q_pos, q_order, axis=-1)
     k_pos = jnp.take_along_axis(plan.threshold, k_order, axis=-1).astype(jnp.int32)
     return q_order, k_order, q_pos, k_pos
