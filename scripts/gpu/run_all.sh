@@ -28,9 +28,14 @@ run() {
         --backends reference,cudnn,cudnn_split,kvax --sections correct --correct-shapes 8x867,8x2048 --head-dim 64 ;;
     split_profile)  # issue 9: where cudnn_split's time goes
       step split_profile 160 python3 scripts/gpu/split_profile.py --out "$OUT" --budget 140 --shapes 2x4096,32x870 ;;
-    split_profile_cmdbuf)  # issue 9: the same, with conditionals inside CUDA graphs (an XLA flag users can set)
-      XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=+CONDITIONAL" step split_profile_cmdbuf 160 \
-        python3 scripts/gpu/split_profile.py --out "$OUT/cmdbuf" --budget 140 --shapes 2x4096,32x870 ;;
+    split_profile_layers)  # issue 9: the same per layer of an 8-layer scan, as openpi's stack calls it
+      step split_profile_layers 200 python3 scripts/gpu/split_profile.py --out "$OUT/layers" --budget 170 \
+        --shapes 2x4096,32x870 --layers 8 --repeats 20 \
+        --variants einsum,cudnn_raw_dense,core_no_cond,core_cond_remat,core_cond_remat_warnbranch,core_select,flashpatch_cudnn_split,flashpatch_cudnn ;;
+    split_profile_cmdbuf)  # issue 9: conditionals inside CUDA graphs (an XLA flag users can set)
+      XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=+CONDITIONAL" step split_profile_cmdbuf 130 \
+        python3 scripts/gpu/split_profile.py --out "$OUT/cmdbuf" --budget 110 --shapes 2x4096,32x870 \
+        --variants einsum,core_no_cond,core_trivial_cond,core_cond_remat,core_cond_remat_warnbranch,flashpatch_cudnn_split ;;
     split_times)  # issue 9's table alone: the exact paths at the two target shapes
       step split_times 120 python3 scripts/gpu/kvax_sweep.py --out "$OUT" --budget 100 --repeats 40 --tag _split \
         --backends reference,cudnn-dense,cudnn,cudnn_split --sections time --time-shapes 2x4096,32x870 ;;

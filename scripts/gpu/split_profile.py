@@ -5,10 +5,16 @@ head_dim 256): the einsum; raw cuDNN with the dense mask and with no mask at all
 cuDNN with sequence lengths on inputs sorted beforehand (the head alone); the mask analysis alone;
 cudnn_split's computation without flashpatch's conditionals; then flashpatch's core around it, one
 piece at a time (mask check and fill; the fallback conditional, trivial or real, with and without
-rematerialisation; a second conditional for the warning, as the core had before); flashpatch's
-cudnn_split and cudnn.
+rematerialisation; the warning inside the fallback branch, as the core has it, or in a second
+conditional, as the core had before); flashpatch's cudnn_split and cudnn.
 
-Run: PYTHONPATH=src python scripts/gpu/split_profile.py --out DIR [--shapes 32x870,2x4096]
+`--layers L` runs each variant L times in a row inside one `lax.scan` (each layer's queries are the last
+layer's output), as openpi's layer stack does, and reports ms per layer: costs paid once per call
+(dispatch, host callbacks' bookkeeping) spread over the layers, costs paid per layer (a conditional's
+predicate read by the host) do not.
+
+Run: PYTHONPATH=src python scripts/gpu/split_profile.py --out DIR [--shapes 32x870,2x4096] [--layers 8]
+    [--variants einsum,core_cond_remat,...]
 """
 
 from __future__ import annotations
@@ -65,13 +71,15 @@ def variants(problem: Problem) -> dict:
             implementation=backend.implementation,
         )
 
-    def staged(cond: str, warn: bool):
+    def staged(cond: str, warn: str = ""):
         """The core's composition around cudnn_split, rebuilt here piece by piece to time each piece.
 
         cond: "none" (fast path only), "trivial" (a conditional that selects the fast path or zeros),
         "plain" (the real fallback in the conditional), "remat" (the fallback rematerialised, as the core does),
         "select" (a candidate with no conditional: the dense cuDNN fallback always runs, on zeroed inputs cut
         to one row and one key when the fast path is accepted, and a select keeps the right result).
+        warn: "" (none), "branch" (a callback without operands inside the fallback branch, as the core does),
+        "cond" (a conditional of its own, as the core did before commit "one conditional").
         """
 
         def run(q, k, v, mask):
@@ -83,13 +91,20 @@ def variants(problem: Problem) -> dict:
                 fallback = backend.attend_fallback
                 if cond == "remat":
                     fallback = jax.checkpoint(fallback, static_argnums=(4,))
+                if warn == "branch":
+                    inner = fallback
+
+                    def fallback(*args):
+                        jax.debug.callback(lambda: None)
+                        return inner(*args)
+
                 if cond == "trivial":
                     fast = jax.lax.cond(accepted, lambda: fast, lambda: jnp.zeros_like(fast))
                 elif cond == "select":
                     fast = jnp.where(accepted, fast, bounded_fallback(q, k, v, mask, accepted).astype(fast.dtype))
                 else:
                     fast = jax.lax.cond(accepted, lambda: fast, lambda: fallback(q, k, v, mask, problem))
-                if warn:  # the warning in a conditional of its own, as the core did before commit "one conditional"
+                if warn == "cond":
                     jax.lax.cond(accepted, lambda: None, lambda: jax.debug.callback(lambda: None))
             fill = core.empty_row_value(v, problem.probs_dtype, problem.num_heads)
             return jnp.where((plan.rank > 0)[:, :, None, None], fast, fill)
@@ -111,16 +126,31 @@ def variants(problem: Problem) -> dict:
         "analysis_only": analysis,
         "head_only_sorted": sorted_head,
         "split_no_conds": bare_split,
-        "core_no_cond": staged("none", warn=False),
-        "core_trivial_cond": staged("trivial", warn=False),
-        "core_cond": staged("plain", warn=False),
-        "core_cond_remat": staged("remat", warn=False),
-        "core_cond_remat_warncond": staged("remat", warn=True),
-        "core_select": staged("select", warn=False),
-        "core_select_warncond": staged("select", warn=True),
+        "core_no_cond": staged("none"),
+        "core_trivial_cond": staged("trivial"),
+        "core_cond": staged("plain"),
+        "core_cond_remat": staged("remat"),
+        "core_cond_remat_warnbranch": staged("remat", warn="branch"),
+        "core_cond_remat_warncond": staged("remat", warn="cond"),
+        "core_select": staged("select"),
+        "core_select_warncond": staged("select", warn="cond"),
         "flashpatch_cudnn_split": flashpatch_backend("cudnn_split"),
         "flashpatch_cudnn": flashpatch_backend("cudnn"),
     }
+
+
+def stacked(fn, layers: int):
+    """fn applied `layers` times in a lax.scan, each layer's queries the last one's output (openpi's stack)."""
+    if layers == 1:
+        return fn
+
+    def run(q, k, v, mask):
+        def layer(x, _):
+            return fn(x, k, v, mask).astype(x.dtype), None
+
+        return jax.lax.scan(layer, q, None, length=layers)[0]
+
+    return run
 
 
 def main() -> None:
@@ -129,9 +159,11 @@ def main() -> None:
     parser.add_argument("--shapes", default="32x870,2x4096")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--budget", type=float, default=200.0)
+    parser.add_argument("--layers", type=int, default=1, help="variant applied this many times in a scan; ms per layer")
+    parser.add_argument("--variants", default="", help="comma-separated subset of the variants (default: all)")
     args = parser.parse_args()
     start = time.time()
-    report = {"env": environment(" ".join(sys.argv)), "rows": []}
+    report = {"env": environment(" ".join(sys.argv)), "layers": args.layers, "rows": []}
     for item in args.shapes.split(","):
         if time.time() - start > args.budget:
             break
@@ -140,27 +172,36 @@ def main() -> None:
         sets = [(*qkv(batch, length, length, seed=s), mask) for s in (0, 1)]
         cot = jax.random.normal(jax.random.PRNGKey(2), sets[0][0].shape, jnp.float32)
         problem = Problem.of(*sets[0][:3], jnp.bfloat16, "gpu")
+        chosen = variants(problem)
+        if args.variants:
+            unknown = set(args.variants.split(",")) - set(chosen)
+            if unknown:
+                raise SystemExit(f"--variants: unknown {sorted(unknown)}; known: {sorted(chosen)}")
+            chosen = {name: chosen[name] for name in args.variants.split(",")}
         fns = {}
-        for name, fn in variants(problem).items():
+        for name, fn in chosen.items():
+            fn = stacked(fn, args.layers)
             fns[(name, "fwd_ms")] = jax.jit(lambda q, k, v, mask, cot, fn=fn: fn(q, k, v, mask))
             if name != "analysis_only":
                 loss = lambda q, k, v, mask, cot, fn=fn: jnp.sum(fn(q, k, v, mask).astype(jnp.float32) * cot)  # noqa: E731
                 fns[(name, "fwdbwd_ms")] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
         # Every variant in rounds (common.medians_in_rounds), so drift over the run falls on all alike.
         medians = medians_in_rounds(fns, [(*inputs, cot) for inputs in sets], args.repeats)
-        for name in variants(problem):
-            row = {"batch": batch, "len": length, "variant": name}
+        for name in chosen:
+            row = {"batch": batch, "len": length, "variant": name, "layers": args.layers}
             for key in ("fwd_ms", "fwdbwd_ms"):
                 value = medians.get((name, key))
                 if value is not None:
-                    row[key if isinstance(value, float) else "error"] = value
+                    row[key if isinstance(value, float) else "error"] = (
+                        value if isinstance(value, str) else value / args.layers
+                    )
             report["rows"].append(row)
             log("profile", row)
         write(args.out, "split_profile.json", report)
-    log(f"\n=== done in {time.time() - start:.0f}s ===")
+    log(f"\n=== done in {time.time() - start:.0f}s; ms per layer of {args.layers} ===")
     for r in report["rows"]:
         times = f"{r.get('fwd_ms', float('nan')):7.3f}  {r.get('fwdbwd_ms', float('nan')):7.3f}"
-        log(f"{r['batch']:2d}x{r['len']:5d}  {r['variant']:24s} {times}  {r.get('error', '')[:60]}")
+        log(f"{r['batch']:2d}x{r['len']:5d}  {r['variant']:28s} {times}  {r.get('error', '')[:60]}")
 
 
 if __name__ == "__main__":
