@@ -184,11 +184,13 @@ def test_a_wrong_split_fails_the_suite(on_xla, monkeypatch) -> None:
         check("cudnn_split", CASES["pi0_padding_mid"], "float32")
 
 
-def test_fast_path_runs_outside_the_conditional(on_xla) -> None:
+def test_fast_path_runs_outside_the_conditional_and_after_it(on_xla) -> None:
     """Inside a conditional the fast path ran 1.6-1.8x slower on the H100 (run 7), so only the fallback
     may sit inside `cond`, forward and backward; the fallback warning adds no conditional of its own
-    (0.17 ms per call, run 10); and the fallback is rematerialised, so the branch that passes the fast
-    result through writes no residuals beyond placeholders for q, k, v and the mask."""
+    (0.17 ms per call, run 10); the fallback is rematerialised, so the branch that skips it writes no
+    residuals beyond placeholders for q, k, v and the mask; and in the forward pass the fast path is
+    ordered after the conditional (a barrier on its inputs), since the host waits for all work queued
+    before a conditional's predicate."""
     import flashpatch
 
     q, k, v, mask = CASES["pi0_masked_image"].arrays("float32")
@@ -208,6 +210,22 @@ def test_fast_path_runs_outside_the_conditional(on_xla) -> None:
             accepted_branch = eqn.params["branches"][1].jaxpr
             assert {e.primitive.name for e in accepted_branch.eqns} <= placeholders, accepted_branch
             assert len(eqn.outvars) <= 5, [str(o.aval) for o in eqn.outvars]
+
+    jaxpr = jax.make_jaxpr(forward)(q, k, v, mask).jaxpr
+    (cond,) = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "cond"]
+    barriers = [eqn for eqn in jaxpr.eqns if "optimization_barrier" in str(eqn)]
+    orders_q = [b for b in barriers if cond.outvars[0] in _inputs(b) and jaxpr.invars[0] in _inputs(b)]
+    assert orders_q, "the fast path's queries are not ordered after the fallback's conditional"
+
+
+def _inputs(eqn) -> list:
+    """An equation's input variables, those of the equations it wraps (custom_jvp) included."""
+    found = list(eqn.invars)
+    for param in eqn.params.values():
+        inner = getattr(param, "jaxpr", None)
+        if inner is not None and hasattr(inner, "eqns"):
+            found += [v for e in inner.eqns for v in e.invars]
+    return found
 
 
 def _computations(hlo: str) -> dict[str, str]:

@@ -77,7 +77,9 @@ def variants(problem: Problem) -> dict:
         cond: "none" (fast path only), "trivial" (a conditional that selects the fast path or zeros),
         "plain" (the real fallback in the conditional), "remat" (the fallback rematerialised, as the core does),
         "select" (a candidate with no conditional: the dense cuDNN fallback always runs, on zeroed inputs cut
-        to one row and one key when the fast path is accepted, and a select keeps the right result).
+        to one row and one key when the fast path is accepted, and a select keeps the right result),
+        "early" (the core since run 17: the rematerialised fallback's conditional first, then the fast path,
+        ordered after it, and a select), "early_unordered" (the same without the ordering).
         warn: "" (none), "branch" (a callback without operands inside the fallback branch, as the core does),
         "cond" (a conditional of its own, as the core did before commit "one conditional").
         """
@@ -85,11 +87,13 @@ def variants(problem: Problem) -> dict:
         def run(q, k, v, mask):
             mask = mask[:, 0]
             plan = masks.analyze(mask)
-            fast = backend.attend(q, k, v, mask, plan, problem)
+            early = cond.startswith("early")
+            if not early:
+                fast = backend.attend(q, k, v, mask, plan, problem)
             if cond != "none":
                 accepted = backend.accepts(plan, problem)
                 fallback = backend.attend_fallback
-                if cond == "remat":
+                if cond == "remat" or early:
                     fallback = jax.checkpoint(fallback, static_argnums=(4,))
                 if warn == "branch":
                     inner = fallback
@@ -98,7 +102,12 @@ def variants(problem: Problem) -> dict:
                         jax.debug.callback(lambda: None)
                         return inner(*args)
 
-                if cond == "trivial":
+                if early:
+                    skipped = jnp.zeros(q.shape, problem.out_dtype)
+                    other = jax.lax.cond(accepted, lambda: skipped, lambda: fallback(q, k, v, mask, problem))
+                    inputs = core._after((q, k, v), other) if cond == "early" else (q, k, v)
+                    fast = jnp.where(accepted, backend.attend(*inputs, mask, plan, problem), other)
+                elif cond == "trivial":
                     fast = jax.lax.cond(accepted, lambda: fast, lambda: jnp.zeros_like(fast))
                 elif cond == "select":
                     fast = jnp.where(accepted, fast, bounded_fallback(q, k, v, mask, accepted).astype(fast.dtype))
@@ -132,6 +141,9 @@ def variants(problem: Problem) -> dict:
         "core_cond_remat": staged("remat"),
         "core_cond_remat_warnbranch": staged("remat", warn="branch"),
         "core_cond_remat_warncond": staged("remat", warn="cond"),
+        "core_early": staged("early"),
+        "core_early_unordered": staged("early_unordered"),
+        "core_early_warnbranch": staged("early", warn="branch"),
         "core_select": staged("select"),
         "core_select_warncond": staged("select", warn="cond"),
         "flashpatch_cudnn_split": flashpatch_backend("cudnn_split"),

@@ -95,10 +95,6 @@ def _flash(q, k, v, mask, backend, problem: Problem) -> jax.Array:
         plan = masks.analyze(mask)
         has_keys = plan.rank > 0
         accepted = backend.accepts(plan, problem)
-        # The fast path runs unconditionally, outside the conditional: inside one, cudnn_split's
-        # fwd+bwd took 5.54 ms on the H100 where the same computation alone took 3.07 (B=32, T=870;
-        # likely XLA's separate launches of a branch after a host sync). The fallback runs only when needed.
-        fast = backend.attend(q, k, v, mask, plan, problem)
         # The fallback is rematerialised: otherwise its residuals, zeros when it does not run, are
         # written by the conditional on every training step.
         fallback = jax.checkpoint(backend.attend_fallback, static_argnums=(4,))
@@ -107,9 +103,33 @@ def _flash(q, k, v, mask, backend, problem: Problem) -> jax.Array:
             _warn_fallback_ran(backend)
             return fallback(q, k, v, mask, problem)
 
-        out = lax.cond(accepted, lambda: fast, fallback_and_warn)
+        def skipped() -> jax.Array:
+            return jnp.zeros(q.shape, problem.out_dtype)
+
+        # The fallback's conditional comes first and the fast path after it, outside it (inside one,
+        # cudnn_split's fwd+bwd took 5.54 ms on the H100 where the same computation alone took 3.07;
+        # B=32, T=870). The host reads a conditional's predicate before it launches a branch, so a
+        # conditional placed after the fast path would wait for all of it.
+        fallback_out = lax.cond(accepted, skipped, fallback_and_warn)
+        fast = backend.attend(*_after((q, k, v), fallback_out), mask, plan, problem)
+        out = jnp.where(accepted, fast.astype(problem.out_dtype), fallback_out)
     fill = empty_row_value(v, problem.probs_dtype, problem.num_heads)
     return jnp.where(has_keys[:, :, None, None], out, fill)
+
+
+@jax.custom_jvp
+def _after(x, dependency):
+    """x, computed only once `dependency` is: an ordering of the forward pass alone.
+
+    Its derivative is the identity on x, so the backward pass keeps no such order (a plain
+    optimization_barrier would tie the cotangents together too).
+    """
+    return lax.optimization_barrier((x, dependency))[0]
+
+
+@_after.defjvp
+def _after_jvp(primals, tangents):
+    return _after(*primals), tangents[0]
 
 
 def _warn_fallback_ran(backend: backends.Backend) -> None:
