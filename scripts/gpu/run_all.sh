@@ -31,7 +31,10 @@ run() {
     split_profile_layers)  # issue 9: the same per layer of an 8-layer scan, as openpi's stack calls it
       step split_profile_layers 200 python3 scripts/gpu/split_profile.py --out "$OUT/layers" --budget 170 \
         --shapes 2x4096,32x870 --layers 8 --repeats 20 \
-        --variants einsum,cudnn_raw_dense,core_no_cond,core_cond_remat,core_cond_remat_warnbranch,core_select,flashpatch_cudnn_split,flashpatch_cudnn ;;
+        --variants einsum,cudnn_raw_dense,core_no_cond,core_cond_remat_warnbranch,core_early_unordered,core_early_warnbranch,flashpatch_cudnn_split,flashpatch_kvax ;;
+    split_order)  # issue 9: the fallback's conditional before the fast path or after it, one call per jit
+      step split_order 180 python3 scripts/gpu/split_profile.py --out "$OUT/order" --budget 150 --shapes 2x4096,32x870 \
+        --variants einsum,core_no_cond,core_cond_remat,core_cond_remat_warnbranch,core_early,core_early_unordered,core_early_warnbranch,flashpatch_cudnn_split,flashpatch_kvax ;;
     split_profile_cmdbuf)  # issue 9: conditionals inside CUDA graphs (an XLA flag users can set)
       XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=+CONDITIONAL" step split_profile_cmdbuf 130 \
         python3 scripts/gpu/split_profile.py --out "$OUT/cmdbuf" --budget 110 --shapes 2x4096,32x870 \

@@ -5,8 +5,9 @@ head_dim 256): the einsum; raw cuDNN with the dense mask and with no mask at all
 cuDNN with sequence lengths on inputs sorted beforehand (the head alone); the mask analysis alone;
 cudnn_split's computation without flashpatch's conditionals; then flashpatch's core around it, one
 piece at a time (mask check and fill; the fallback conditional, trivial or real, with and without
-rematerialisation; the warning inside the fallback branch, as the core has it, or in a second
-conditional, as the core had before); flashpatch's cudnn_split and cudnn.
+rematerialisation; the warning inside the fallback branch or in a second conditional, as earlier cores
+had it; the fallback's conditional before the fast path, as the core has it now, ordered or not);
+flashpatch's cudnn_split, cudnn and kvax.
 
 `--layers L` runs each variant L times in a row inside one `lax.scan` (each layer's queries are the last
 layer's output), as openpi's layer stack does, and reports ms per layer: costs paid once per call
@@ -148,6 +149,7 @@ def variants(problem: Problem) -> dict:
         "core_select_warncond": staged("select", warn="cond"),
         "flashpatch_cudnn_split": flashpatch_backend("cudnn_split"),
         "flashpatch_cudnn": flashpatch_backend("cudnn"),
+        "flashpatch_kvax": flashpatch_backend("kvax"),
     }
 
 
