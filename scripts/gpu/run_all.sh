@@ -54,7 +54,7 @@ run() {
     gpu_models)
       step gpu_models 150 "${pytest_q[@]}" -k "cudnn_split or kvax" tests/test_gpu_models.py ;;
     conformance)
-      step conformance 120 "${pytest_q[@]}" -k "cudnn_split and bfloat16" tests/test_backend_conformance.py ;;
+      step conformance 330 "${pytest_q[@]}" -k "cudnn_split and bfloat16" tests/test_backend_conformance.py ;;
     conformance_all)
       step conformance_all 150 "${pytest_q[@]}" -k "(kvax or cudnn) and bfloat16" tests/test_backend_conformance.py ;;
     short)  # issue 3/4: pi0 sample_actions and pi0-FAST decode; kvax's per-call overhead
