@@ -67,8 +67,8 @@ RULES: tuple[Rule, ...] = (
         lambda p: pairs(p) >= GPU_MIN_PAIRS_FOR_SPLIT,
         ("cudnn_split", "cudnn", "kvax", "xla"),
         f"at least 2**27 (query, key) pairs over batch and heads: {_H100}, fwd+bwd x einsum: B=2 T=S=4096 "
-        "cudnn_split 2.42x, cudnn 1.40x; B=32 T=S=870 cudnn_split 1.55x, cudnn 1.18x "
-        "(benchmarks/results/h100-2026-11-25-call13); 18-layer pi0 training step B=4 T=4096 cudnn_split 1.61x, "
+        "cudnn_split 2.82x, cudnn 1.46x; B=32 T=S=870 cudnn_split 1.72x, cudnn 1.21x "
+        "(benchmarks/results/h100-2026-11-25-call20); 18-layer pi0 training step B=4 T=4096 cudnn_split 1.61x, "
         "cudnn 1.35x (h100-2026-11-25-call8)",
     ),
     Rule(
