@@ -11,6 +11,7 @@ T found in --out) and summary.md (final losses, gaps, step times, memory).
         --horizon 10 --action-dim 8 --prompt 8 --batch 4 --out /tmp/parity                  # CPU smoke
     python examples/train_parity.py --openpi --out parity-openpi                            # real openpi
     python examples/train_parity.py --seq-len 2048 --seeds 0,1,2 --backends cudnn_split --out p2048  # over seeds
+    python examples/train_parity.py --seq-len 2048 --backends cudnn_split --float32-run --out p32  # + float32 einsum
 
 Several commands may write into the same --out (one per T, say): the PNG and summary cover them all.
 """
@@ -66,6 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"comma-separated, from {', '.join(flashpatch.backends.names())} "
         "(default: every backend that runs on this platform)",
     )
+    p.add_argument(
+        "--float32-run",
+        action="store_true",
+        help=f"add a run '{parity.FLOAT32}': openpi's einsum in float32 inside the bf16 model (how far bf16 "
+        "rounding inside attention moves training)",
+    )
     p.add_argument("--out", type=pathlib.Path, required=True, help="directory for JSON, PNG and summary")
     p.add_argument("--openpi", action="store_true", help="drive real openpi's Pi0 instead (see openpi_parity.py)")
     p.add_argument("--openpi-variant", default="dummy", help="--openpi: Gemma variant of both experts")
@@ -74,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.steps = 5 if args.openpi else 2000
     if args.steps < 1:
         p.error(f"--steps must be positive; got {args.steps}")
+    if args.openpi and args.float32_run:
+        p.error("--float32-run applies to the pi0-style model, not to --openpi")
     return args
 
 
@@ -194,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         return openpi_parity.main(args)
     register()  # patch our openpi-compatible Gemma like openpi's
     backend_names = args.backends if args.backends is not None else parity.runnable_backends()
+    if args.float32_run:
+        backend_names = [*backend_names, parity.FLOAT32]
     lengths = args.seq_lens or [args.seq_len or 867]
     for seq_len in lengths:  # every length checked before the first run starts
         try:

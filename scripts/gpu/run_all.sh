@@ -26,6 +26,10 @@ run() {
     parity_shapes)  # issue 6/3: every backend's exactness at the parity model's head_dim 64, T=867 and 2048
       step parity_shapes 200 python3 scripts/gpu/kvax_sweep.py --out "$OUT" --budget 180 --tag _parity_shapes \
         --backends reference,cudnn,cudnn_split,kvax --sections correct --correct-shapes 8x867,8x2048 --head-dim 64 ;;
+    parity_float32)  # issue 6: T=2048 with openpi's einsum in float32 beside it (about 7 minutes); PARITY_SEED picks the seed
+      step parity_float32 560 python3 examples/train_parity.py --steps 2000 --seq-len 2048 --seeds "${PARITY_SEED:-0}" \
+        --backends cudnn_split --float32-run --out "$OUT/parity"
+      rm -f "$OUT"/parity/*.png "$OUT"/parity/*.md ;;
     split_profile)  # issue 9: where cudnn_split's time goes
       step split_profile 160 python3 scripts/gpu/split_profile.py --out "$OUT" --budget 140 --shapes 2x4096,32x870 ;;
     split_profile_layers)  # issue 9: the same per layer of an 8-layer scan, as openpi's stack calls it

@@ -3,7 +3,8 @@
 Every run starts from the same parameters and sees the same batches and flow-matching noise in the
 same order (all drawn inside the jitted step from keys folded with the step number), so the only
 difference between runs is the attention implementation. Runs share one process; `None` as the
-backend means flashpatch off (the original einsum attention), anything else is `flashpatch.enable(name)`.
+backend means flashpatch off (the original einsum attention), `FLOAT32` openpi's einsum computed in float32,
+anything else is `flashpatch.enable(name)`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -22,10 +24,13 @@ import numpy as np
 import optax
 
 import flashpatch
-from flashpatch import backends, diagnostics
+from flashpatch import backends, core, diagnostics
 from flashpatch.testing import pi0
 
 UNPATCHED = "unpatched"
+#: A run, not a backend: openpi's einsum on float32 copies of q, k, v with float32 probabilities, cast back to
+#: the activation dtype. It tells how far bfloat16 rounding inside attention moves training.
+FLOAT32 = "einsum_float32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,8 +99,26 @@ def runnable_backends(platform: str | None = None) -> list[str]:
 
 
 def activation(backend: str | None) -> contextlib.AbstractContextManager:
-    """flashpatch off (None) or on with `backend`, for this thread."""
-    return flashpatch.disable() if backend is None else flashpatch.enable(backend)
+    """flashpatch off (None), the float32 einsum (`FLOAT32`), or flashpatch on with `backend`, for this thread."""
+    if backend is None:
+        return flashpatch.disable()
+    if backend == FLOAT32:
+        return _float32_attention()
+    return flashpatch.enable(backend)
+
+
+@contextlib.contextmanager
+def _float32_attention() -> Iterator[None]:
+    """flashpatch's `reference` path with the einsum in float32, while the block lasts (for the whole process:
+    a training harness's switch, traced and compiled inside the block)."""
+    einsum = core.reference_attention
+
+    def in_float32(q, k, v, mask, probs_dtype):
+        out = einsum(*(x.astype(jnp.float32) for x in (q, k, v)), mask, jnp.float32)
+        return out.astype(jnp.result_type(probs_dtype, v.dtype))
+
+    with flashpatch.enable("reference"), mock.patch.object(core, "reference_attention", in_float32):
+        yield
 
 
 def train(
@@ -289,9 +312,10 @@ def run_parity(
     on_step: Callable[[str, int, float], None] | None = None,
 ) -> list[RunResult]:
     """The unpatched run first, then one run per backend, all from the same initial parameters."""
-    unknown = [b for b in backend_names if b not in backends.names()]
+    known = (*backends.names(), FLOAT32)
+    unknown = [b for b in backend_names if b not in known]
     if unknown:
-        raise ValueError(f"backend_names must be among {', '.join(backends.names())}; got {unknown}")
+        raise ValueError(f"backend_names must be among {', '.join(known)}; got {unknown}")
     params = init_params(model, task, config)
     results = []
     for backend in (None, *backend_names):
