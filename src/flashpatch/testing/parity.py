@@ -99,7 +99,7 @@ def runnable_backends(platform: str | None = None) -> list[str]:
 
 
 def activation(backend: str | None) -> contextlib.AbstractContextManager:
-    """flashpatch off (None), the float32 einsum (`FLOAT32`), or flashpatch on with `backend`, for this thread."""
+    """flashpatch off (None) or on with `backend`, for this thread; `FLOAT32`: the float32 einsum, process-wide."""
     if backend is None:
         return flashpatch.disable()
     if backend == FLOAT32:
