@@ -47,6 +47,11 @@ def rebuild(rank: jax.Array, threshold: jax.Array) -> jax.Array:
     return threshold[:, None, :] <= rank[:, :, None]
 
 
+def query_key(plan: MaskPlan) -> jax.Array:
+    """(B, T) int32: each query row's rank, S + 1 for rows that attend nothing (sorted last)."""
+    return jnp.where(plan.rank > 0, plan.rank, plan.threshold.shape[-1] + 1).astype(jnp.int32)
+
+
 def key_order(plan: MaskPlan) -> jax.Array:
     """(B, S) permutation that sorts keys by threshold, keeping ties in sequence order.
 
