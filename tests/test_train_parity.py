@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import pathlib
 import sys
 
@@ -116,6 +117,7 @@ def _record(seed: int, finals: dict[str, float]) -> dict:
         "seq_len": 2048,
         "run_seed": seed,
         "final_steps": 10,
+        "window": 5,
         "runs": runs,
         "gaps": gaps,
         "layout": {"cameras": [1], "prompt": 2, "horizon": 1},
@@ -134,11 +136,54 @@ def test_summary_over_seeds_compares_the_means() -> None:
     text = report.summary(records)
     assert "## T = 2048, run seed 0" in text and "## T = 2048, run seed 1" in text
     over = text[text.index("over run seeds 0, 1") :]
-    assert "| flash | 1.00500 | 0.07000 (6.97%) | 5.00e-03 | +4.00e-02, -3.00e-02 |" in over, over
+    assert "| flash | 2 | 1.00500 | 1.00500 | 0.07000 (6.97%) | 5.00e-03 | +4.00e-02, -3.00e-02 |" in over, over
     assert "(PASS: tolerance 2%)" in over
+    assert "separate processes" not in text  # no seed ran twice: nothing to say about reruns
     records[1] = _record(1, {"unpatched": 1.00, "flash": 1.01})  # mean 2.5% above
     text = report.summary(records)
     assert "(FAIL: tolerance 2%)" in text[text.index("over run seeds") :]
+
+
+def test_summary_shows_how_far_the_same_run_lands_between_processes(tmp_path) -> None:
+    """The same seed from two directories: each section names its source, the reruns are set side by side,
+    and the unpatched run's own spread is stated beside the verdict; a run present in only some records is
+    compared with the unpatched runs of those records alone."""
+    report = _example("parity_report")
+    files = {
+        "a": _record(0, {"unpatched": 1.00, "flash": 1.01}),
+        "b": _record(0, {"unpatched": 1.10, "flash": 1.21, "extra": 1.32}),
+        "c": _record(1, {"unpatched": 2.00}),
+    }
+    for name, record in files.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / f"results_T2048_seed{record['run_seed']}.json").write_text(json.dumps(record))
+    records = report.load(*(tmp_path / name for name in files))
+    assert [r["source"] for r in records] == [f"{tmp_path.name}/{n}" for n in ("a", "b", "c")]
+    text = report.summary(records)
+    assert f"## T = 2048, run seed 0 ({tmp_path.name}/b)" in text
+    assert "No patched run here to compare" in text
+    between = text[text.index("the same runs in separate processes") :]
+    assert "| 0 | unpatched | 1.00000, 1.10000 | 10.00% |" in between, between
+    assert "| 0 | flash | 1.01000, 1.21000 | 19.80% |" in between, between
+    assert report.rerun_spread(records, "unpatched") == pytest.approx(0.10)
+    over = text[text.index("over run seeds 0, 0, 1") :]
+    assert "| unpatched | 3 |" in over
+    assert "| extra | 1 | 1.32000 | 1.32000 | 0.00000 (0.00%) | 2.00e-01 | +2.00e-01 |" in over  # vs b's 1.10
+    assert "ends up to 10.00% apart from itself (above the tolerance)" in over
+
+
+def test_report_cli_reads_several_directories_into_one_report(tmp_path) -> None:
+    report = _example("parity_report")
+    for name, unpatched in (("a", 1.0), ("b", 1.2)):
+        (tmp_path / name).mkdir()
+        record = _record(0, {"unpatched": unpatched, "flash": unpatched})
+        (tmp_path / name / "results_T2048.json").write_text(json.dumps(record))
+    out = tmp_path / "report"
+    report.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)])
+    summary = (out / "summary.md").read_text()
+    assert "| 0 | unpatched | 1.00000, 1.20000 | 20.00% |" in summary
+    with pytest.raises(FileNotFoundError, match="no results_T"):
+        report.load(tmp_path / "report")
 
 
 def test_openpi_mode_skips_cleanly_without_openpi(monkeypatch, tmp_path, capsys) -> None:
