@@ -62,6 +62,8 @@ def _speedup_panel(ax: Any, rows: Sequence[Record], colors: dict[str, str], titl
 
 
 def _memory_panel(ax: Any, rows: Sequence[Record], colors: dict[str, str], title: str, limit: int | None) -> None:
+    from matplotlib import ticker
+
     for variant, mine in _by_variant(rows).items():
         points = [(r.size, r.memory["peak"] / GIB) for r in mine if r.status == "ok" and "peak" in r.memory]
         if points:
@@ -70,6 +72,9 @@ def _memory_panel(ax: Any, rows: Sequence[Record], colors: dict[str, str], title
     if limit:
         ax.axhline(limit / GIB, color="red", linewidth=1, linestyle=":", label="device memory for JAX")
     ax.set_yscale("log")
+    # Majors at 1, 2, 5 x 10^k with plain labels: decades alone leave most panels (say 35-45 GiB) unlabelled.
+    ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
     ax.set_title(f"{title}: peak memory, compiled (lower is better)", fontsize=10)
     ax.set_ylabel("GiB (log scale)")
     _legend(ax)
