@@ -46,15 +46,23 @@ run() {
     split_times)  # issue 9's table alone: the exact paths at the two target shapes
       step split_times 120 python3 scripts/gpu/kvax_sweep.py --out "$OUT" --budget 100 --repeats 40 --tag _split \
         --backends reference,cudnn-dense,cudnn,cudnn_split --sections time --time-shapes 2x4096,32x870 ;;
-    bench_core)  # issue 5, attention core, every backend; plots are rendered off the device
+    bench_core)  # issue 5, attention core, every backend, T=1024 and 4096 (run 21); plots are rendered off the device
       step bench_core 180 python3 scripts/benchmark_attention.py --out "$OUT/bench_core" --scenarios core \
-        --core-sizes 1024,4096,16384 --budget-s 150
+        --core-sizes 1024,4096 --budget-s 150
       rm -f "$OUT"/bench_core/*.png "$OUT"/bench_core/*.md ;;
-    bench_models)  # issue 5, whole models (18 layers at real widths): einsum, cudnn, cudnn_split
-      step bench_models 260 python3 scripts/benchmark_attention.py --out "$OUT/bench_models" \
-        --scenarios gemma,gemma_fast --backends cudnn,cudnn_split --budget-s 235 \
-        --train-sizes 1024,4096,16384 --infer-sizes 1024 --cache-sizes 1024,4096
+    bench_core16k)  # issue 5, the same at T=16384 (run 25, about 150 s)
+      step bench_core16k 430 python3 scripts/benchmark_attention.py --out "$OUT/bench_core16k" --scenarios core \
+        --core-sizes 16384 --budget-s 400
+      rm -f "$OUT"/bench_core16k/*.png "$OUT"/bench_core16k/*.md ;;
+    bench_models)  # issue 5, whole models (18 layers at real widths), every backend (run 26, about 8 minutes)
+      step bench_models 560 python3 scripts/benchmark_attention.py --out "$OUT/bench_models" \
+        --scenarios gemma,gemma_fast --train-sizes 1024,4096,8192,16384 --infer-sizes 1024,4096 \
+        --cache-sizes 1024,4096 --budget-s 530
       rm -f "$OUT"/bench_models/*.png "$OUT"/bench_models/*.md ;;
+    bench_ladder)  # issue 5, the training step where the einsum runs out of memory (run 27, about 3 minutes)
+      step bench_ladder 330 python3 scripts/benchmark_attention.py --out "$OUT/bench_ladder" --scenarios gemma \
+        --backends cudnn,cudnn_split --train-sizes 8192,16384 --infer-sizes 1024 --budget-s 310
+      rm -f "$OUT"/bench_ladder/*.png "$OUT"/bench_ladder/*.md ;;
     gpu_models)
       step gpu_models 150 "${pytest_q[@]}" -k "cudnn_split or kvax" tests/test_gpu_models.py ;;
     conformance)
