@@ -144,18 +144,18 @@ def plot_reruns(records: list[dict], path: pathlib.Path) -> None:
     styles = ("-", "--", ":", "-.")
     fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4.5), squeeze=False, sharey=True)
     for ax, ((seq_len, seed), group) in zip(axes[0], groups.items(), strict=True):
+        window = group[0]["window"]
         for p, record in enumerate(group):
-            window = record["window"]
             for run in record["runs"]:
                 smooth = _smooth(np.asarray(run["losses"]), window)
                 steps = np.arange(window - 1, window - 1 + len(smooth))
                 label = f"{run['name']}, {record['source']}"
                 ax.plot(steps, smooth, ls=styles[p % len(styles)], color=colours[run["name"]], lw=1.2, label=label)
-        ax.set_title(f"T = {seq_len}, seed {seed}: the same runs in {len(group)} processes")
+        ax.set_title(f"T = {seq_len}, seed {seed}: the same runs in {len(group)} processes ({window}-step means)")
         ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
-    axes[0, 0].set_ylabel(f"flow-matching loss ({group[0]['window']}-step mean)")
+    axes[0, 0].set_ylabel("flow-matching loss (moving mean)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -237,14 +237,15 @@ def _finals(group: list[dict]) -> dict[str, list[tuple[float, float]]]:
     return pairs
 
 
+def _rerun_finals(rerun: list[dict], name: str) -> list[float]:
+    """`name`'s final loss in each record of `rerun` (one T and run seed, several processes) that has it."""
+    return [final_loss(record, run) for record in rerun for run in record["runs"] if run["name"] == name]
+
+
 def rerun_spread(group: list[dict], name: str) -> float | None:
     """The largest (max - min) / min of `name`'s final loss over processes that ran the same T and run seed
     (None where no seed ran twice): how far the same run lands from itself."""
-    spreads = []
-    for rerun in _reruns(group).values():
-        values = [final_loss(r, run) for r in rerun for run in r["runs"] if run["name"] == name]
-        if len(values) > 1:
-            spreads.append((max(values) - min(values)) / min(values))
+    spreads = [(max(v) - min(v)) / min(v) for r in _reruns(group).values() if len(v := _rerun_finals(r, name)) > 1]
     return max(spreads) if spreads else None
 
 
@@ -262,9 +263,8 @@ def between_processes(group: list[dict]) -> list[str]:
         "|---|---|---|---|",
     ]
     for (_, seed), rerun in reruns.items():
-        names = [run["name"] for run in rerun[0]["runs"]]
-        for name in names:
-            values = [final_loss(r, run) for r in rerun for run in r["runs"] if run["name"] == name]
+        for name in dict.fromkeys(run["name"] for record in rerun for run in record["runs"]):
+            values = _rerun_finals(rerun, name)
             if len(values) > 1:
                 spread = (max(values) - min(values)) / min(values)
                 lines.append(f"| {seed} | {name} | {', '.join(f'{v:.5f}' for v in values)} | {spread:.2%} |")
