@@ -1,44 +1,66 @@
-"""Interpreter-start hook (imported by flashpatch_autoload.pth). Does nothing unless FLASHPATCH is set.
+"""Interpreter-start hook, imported by flashpatch_autoload.pth only when FLASHPATCH is set.
 
-It imports no JAX: it registers post-import hooks on openpi's Gemma modules, and only when one
-of them is imported does it import flashpatch and install it process-wide. Any error becomes a
-single warning; the interpreter always starts.
+It reads the FLASHPATCH* variables at once, so that a typo is reported when the process starts (a
+FlashpatchWarning, and again when openpi's Gemma is imported), never found out days into a training
+run. It imports no JAX: it registers post-import hooks on openpi's Gemma modules, and only when one of
+them is imported does flashpatch install itself process-wide. Any failure becomes one warning; the
+interpreter always starts.
+
+PYTEST_DONT_REWRITE: pytest marks every module of a plugin's distribution for assertion rewriting and
+warns about those already imported; this one is imported before pytest starts, and has no asserts.
 """
 
 import os
+import warnings
 
-_TARGET_MODULES = ("openpi.models.gemma", "openpi.models.gemma_fast")
-_warned = False
-
-
-def _warn(err: BaseException) -> None:
-    global _warned
-    if not _warned:
-        _warned = True
-        import warnings
-
-        warnings.warn(f"flashpatch: FLASHPATCH is set but flashpatch could not switch on: {err!r}", stacklevel=2)
+_OFF = ("", "0", "false", "off", "no")
+_warned = set()
 
 
-def _on_openpi_import(module) -> None:
+def _warn(message, category=UserWarning):
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, category, stacklevel=2)
+
+
+def _main():
+    if os.environ.get("FLASHPATCH", "").strip().lower() in _OFF:
+        return
     try:
-        import flashpatch
-
-        flashpatch.install_from_env()
-    except Exception as err:
-        _warn(err)
-
-
-def _main() -> None:
-    try:
-        if os.environ.get("FLASHPATCH", "").strip().lower() in ("", "0", "false", "off", "no"):
-            return
         import wrapt
 
-        for name in _TARGET_MODULES:
-            wrapt.register_post_import_hook(_on_openpi_import, name)
-    except Exception as err:
-        _warn(err)
+        from flashpatch import openpi_sites, settings
+        from flashpatch.diagnostics import FlashpatchWarning
+    except Exception as err:  # a broken install must not stop the interpreter
+        _warn(f"flashpatch: FLASHPATCH is set but flashpatch cannot load ({err!r}); openpi will run unpatched")
+        return
+    try:
+        chosen = settings.from_env()
+    except ValueError as err:
+        message = f"flashpatch is OFF in this process: {err}. Fix the variable, or unset FLASHPATCH to run without it"
+        _warn(message, FlashpatchWarning)
+
+        def still_off(module):
+            _warn(f"{module.__name__} imported, but {message}", FlashpatchWarning)
+
+        for name in openpi_sites.modules():
+            wrapt.register_post_import_hook(still_off, name)
+        return
+
+    def switch_on(module):
+        try:
+            import flashpatch
+
+            if flashpatch.installed() is None:
+                flashpatch.install(backend=chosen.backend, verify=chosen.verify)
+        except Exception as err:
+            _warn(f"flashpatch: could not switch on when {module.__name__} was imported ({err!r})", FlashpatchWarning)
+
+    for name in openpi_sites.modules():
+        wrapt.register_post_import_hook(switch_on, name)
 
 
-_main()
+try:
+    _main()
+except Exception as _err:  # pragma: no cover - the last guard: startup never breaks
+    _warn(f"flashpatch: the interpreter-start hook failed ({_err!r}); openpi will run unpatched")

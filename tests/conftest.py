@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from pathlib import Path
+
 import jax
 import pytest
 
 import flashpatch
-from flashpatch import diagnostics, interception, settings
+from flashpatch import backends, diagnostics, interception, settings
 from flashpatch.testing import register
 
 register()
 
 pytest_plugins = ["pytester"]
+#: The lab's parity harness (benchmarks/parity) is tested here too; it is not part of the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "parity"))
+
+
+@pytest.fixture
+def use_backend():
+    """use_backend(name, instance): `name` computed by `instance` for the rest of the test."""
+    with contextlib.ExitStack() as stack:
+        yield lambda name, backend: stack.enter_context(backends.override(name, backend))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import jax
 
-from flashpatch.backends import kvax_compat
+from flashpatch.backends.kvax import compat as kvax_compat
 
 
 def load() -> tuple[types.ModuleType, types.ModuleType] | None:

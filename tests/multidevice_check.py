@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 import flashpatch
 from flashpatch import backends, meshes
 from flashpatch.backends import kvax as kvax_backend
-from flashpatch.backends import kvax_compat
+from flashpatch.backends.kvax import compat as kvax_compat
 from flashpatch.backends.reference import reference_attention
 from flashpatch.backends.xla import XlaBackend
 from flashpatch.testing import gemma, layouts, register, sharding
@@ -216,8 +216,8 @@ def kvax_check(model, args, mesh, mode, ref) -> dict:
 
     kvax_backend.kvax_specs = spy_specs
     kvax_compat._loaded = stand_in_kvax(sources)
-    backends._instances["kvax"] = CpuKvax()
-    got = run(model, args, mode, "kvax")
+    with backends.override("kvax", CpuKvax()):
+        got = run(model, args, mode, "kvax")
     found = shardings[0] if shardings else None
     matches_activations = found is not None and NamedSharding(found.mesh, P(*found.query_spec)).is_equivalent_to(
         NamedSharding(mesh, DATA), 4
@@ -253,9 +253,9 @@ def main() -> None:
     modes = mesh_modes(mesh)
     for name, mode in modes.items():
         seen: list = []
-        backends._instances["xla"] = SpyXla(seen)
         ref = run(model, args, mode, None)
-        got = run(model, args, mode, "xla")
+        with backends.override("xla", SpyXla(seen)):
+            got = run(model, args, mode, "xla")
         report["modes"][name] = {
             **compare(ref, got),
             "seen_meshes": [describe(m) for m in seen],
@@ -263,8 +263,8 @@ def main() -> None:
             "collectives": {"unpatched": ref[2], "patched": got[2]},
         }
         if name == "openpi_global":
-            backends._instances["xla"] = SpyXla([], broken=True)
-            report["broken_xla"] = compare(ref, run(model, args, mode, "xla"))
+            with backends.override("xla", SpyXla([], broken=True)):
+                report["broken_xla"] = compare(ref, run(model, args, mode, "xla"))
             report["kvax_stand_in"] = kvax_check(model, args, mesh, mode, ref)
 
     print(json.dumps(report))

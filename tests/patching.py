@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flashpatch import backends, core, interception
+from flashpatch import core, drift
 from flashpatch.backends.base import Backend
 from flashpatch.settings import Settings
 from flashpatch.testing import gemma
@@ -81,7 +81,7 @@ def spy_attention(monkeypatch: pytest.MonkeyPatch) -> list[AttentionCall]:
     real = core.attention
 
     def spy(*args, **kwargs):
-        if not getattr(interception._local, "checking", False):
+        if not drift.checking():
             calls.append(AttentionCall(kwargs.get("settings"), kwargs.get("site", ""), threading.get_ident()))
         return real(*args, **kwargs)
 
@@ -96,10 +96,6 @@ class ZeroBackend(Backend):
 
     def attend(self, q, k, v, mask, plan, problem):
         return jnp.zeros(q.shape, problem.out_dtype)
-
-
-def use_zero_backend(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(backends._instances, "xla", ZeroBackend())
 
 
 def ran_patched(out: jax.Array) -> bool:

@@ -255,16 +255,16 @@ def _case(name: str) -> Case:
     ],
     ids=str,
 )
-def test_preparation_matches_openpi(monkeypatch, case: str, use_seq_lengths: bool, dtype: str) -> None:
-    monkeypatch.setitem(backends._instances, "cudnn", _CudnnOnXla(use_seq_lengths))
+def test_preparation_matches_openpi(monkeypatch, use_backend, case: str, use_seq_lengths: bool, dtype: str) -> None:
+    use_backend("cudnn", _CudnnOnXla(use_seq_lengths))
     _check_no_fallback(_case(case), dtype)
 
 
-def test_wrong_lengths_are_caught(monkeypatch) -> None:
+def test_wrong_lengths_are_caught(monkeypatch, use_backend) -> None:
     """The lengths branch is the one that runs for padding-right masks, and the checks see it."""
     lengths = cudnn.padding_right_lengths
     monkeypatch.setattr(cudnn, "padding_right_lengths", lambda mask: lengths(mask)._replace(kv=lengths(mask).kv - 1))
-    monkeypatch.setitem(backends._instances, "cudnn", _CudnnOnXla())
+    use_backend("cudnn", _CudnnOnXla())
     with pytest.raises(AssertionError):
         check("cudnn", CASES["prefix_padded"], "float32")
 
@@ -289,8 +289,8 @@ OPENPI_HEADS = dict(num_heads=8, num_kv_heads=1, head_dim=256)
 @pytest.mark.gpu
 @pytest.mark.parametrize("use_seq_lengths", [True, False], ids=["lengths", "dense"])
 @pytest.mark.parametrize("case", list(OPENPI_CASES), ids=str)
-def test_cudnn_matches_openpi_on_gpu(monkeypatch, case: str, use_seq_lengths: bool) -> None:
-    monkeypatch.setitem(backends._instances, "cudnn", cudnn.CudnnBackend(use_seq_lengths))
+def test_cudnn_matches_openpi_on_gpu(use_backend, case: str, use_seq_lengths: bool) -> None:
+    use_backend("cudnn", cudnn.CudnnBackend(use_seq_lengths))
     base = OPENPI_CASES[case]
     openpi_case = Case(base.name, base.mask, **OPENPI_HEADS, structured=base.structured)
     problem = Problem.of(*openpi_case.arrays(jnp.bfloat16)[:3], jnp.bfloat16, "gpu")

@@ -35,9 +35,9 @@ class _SplitOnXla(cudnn_split.CudnnSplitBackend):
 
 
 @pytest.fixture
-def on_xla(monkeypatch):
+def on_xla(use_backend):
     def install(**kwargs) -> None:
-        monkeypatch.setitem(backends._instances, "cudnn_split", _SplitOnXla(**kwargs))
+        use_backend("cudnn_split", _SplitOnXla(**kwargs))
 
     return install
 

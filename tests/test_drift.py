@@ -103,11 +103,11 @@ class Outcome:
     variables: dict
 
 
-def _run(monkeypatch, module: types.ModuleType, kind: str, *, register_inside: bool = False) -> Outcome:
+def _run(use_backend, module: types.ModuleType, kind: str, *, register_inside: bool = False) -> Outcome:
     """Register module.Attention, init and call it with flashpatch on and off, then trace it once
     more at another length in a second enable() block (a new layout check, no new warning)."""
     counter = CountingXla()
-    monkeypatch.setitem(backends._instances, "xla", counter)
+    use_backend("xla", counter)
     attention = _attention(module, kind)
     site = f"{module.__name__}.Attention"
     with warnings.catch_warnings(record=True) as caught:
@@ -132,16 +132,16 @@ def _run(monkeypatch, module: types.ModuleType, kind: str, *, register_inside: b
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_the_unchanged_fixture_is_patched(monkeypatch, kind: str) -> None:
+def test_the_unchanged_fixture_is_patched(use_backend, kind: str) -> None:
     """The control: the same procedure on the fixture itself sees the replacement run, silently."""
-    outcome = _run(monkeypatch, FIXTURES[kind], kind)
+    outcome = _run(use_backend, FIXTURES[kind], kind)
     assert outcome.bound and outcome.replacement_calls > 0 and not outcome.warnings, outcome.warnings
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_changed_call_signature_is_not_patched(tmp_path, monkeypatch, kind: str) -> None:
+def test_a_changed_call_signature_is_not_patched(tmp_path, use_backend, kind: str) -> None:
     module = _fork(tmp_path, monkeypatch, kind, SIGNATURE_CHANGE[kind])
-    outcome = _run(monkeypatch, module, kind)
+    outcome = _run(use_backend, module, kind)
     assert len(outcome.warnings) == 1, outcome.warnings
     assert "__call__" in outcome.warnings[0] and "not patched" in outcome.warnings[0], outcome.warnings
     assert not outcome.bound, "a class with another __call__ signature was patched"
@@ -149,12 +149,12 @@ def test_a_changed_call_signature_is_not_patched(tmp_path, monkeypatch, kind: st
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_different_parameter_layout_runs_the_original(tmp_path, monkeypatch, kind: str) -> None:
+def test_a_different_parameter_layout_runs_the_original(tmp_path, use_backend, kind: str) -> None:
     """A fork with the right signature whose parameters differ (renamed, or one more) is caught by
     the abstract layout check: checkpoints of the fork must keep loading."""
     replacements, parameter = LAYOUT_CHANGE[kind]
     module = _fork(tmp_path, monkeypatch, kind, replacements)
-    outcome = _run(monkeypatch, module, kind)
+    outcome = _run(use_backend, module, kind)
     assert outcome.bound, "the fork's signature fits, so it is bound and checked per call"
     assert len(outcome.warnings) == 1, outcome.warnings
     assert parameter in outcome.warnings[0] and "the original runs" in outcome.warnings[0], outcome.warnings
@@ -164,9 +164,9 @@ def test_a_different_parameter_layout_runs_the_original(tmp_path, monkeypatch, k
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_module_without_the_rope_helper_is_not_patched(tmp_path, monkeypatch, kind: str) -> None:
+def test_a_module_without_the_rope_helper_is_not_patched(tmp_path, use_backend, kind: str) -> None:
     module = _fork(tmp_path, monkeypatch, kind, HELPER_CHANGE)
-    outcome = _run(monkeypatch, module, kind, register_inside=True)
+    outcome = _run(use_backend, module, kind, register_inside=True)
     assert len(outcome.warnings) == 1, outcome.warnings
     assert "_apply_rope" in outcome.warnings[0] and "not patched" in outcome.warnings[0], outcome.warnings
     assert not outcome.bound

@@ -27,8 +27,7 @@ def tiny():
 
 @pytest.fixture(scope="module", autouse=True)
 def _zero_backend():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(backends._instances, "xla", ZeroBackend())
+    with backends.override("xla", ZeroBackend()):
         yield
 
 

@@ -11,7 +11,7 @@ import pytest
 from flashpatch import jit_cache, versions
 
 #: The first JAX release with `jax.make_user_context` (0.7.1 has none; checked in the released wheels).
-USER_CONTEXT_SINCE = versions.Version.parse("0.7.2")
+USER_CONTEXT_SINCE = versions.parse("0.7.2")
 
 
 def fake_jax(monkeypatch, name: str, *, user_context: bool, xla_metadata: bool | None) -> types.ModuleType:

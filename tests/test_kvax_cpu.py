@@ -14,7 +14,8 @@ from helpers import rel_err
 import flashpatch
 from flashpatch import masks
 from flashpatch.backends import kvax as kvax_backend
-from flashpatch.backends import kvax_compat, kvax_tuning
+from flashpatch.backends.kvax import compat as kvax_compat
+from flashpatch.backends.kvax import tuning as kvax_tuning
 from flashpatch.backends.base import Problem
 from flashpatch.backends.reference import reference_attention
 
@@ -189,7 +190,7 @@ class _StructuredStandIn(kvax_backend.KvaxBackend):
 
 
 @pytest.mark.parametrize("structured", [True, False], ids=["openpi_mask", "arbitrary_mask"])
-def test_structured_backend_inside_the_scanned_stack(monkeypatch, structured: bool) -> None:
+def test_structured_backend_inside_the_scanned_stack(monkeypatch, use_backend, structured: bool) -> None:
     """Under openpi's nn.scan + remat stack, the kvax path runs, and a non-chain mask falls back once."""
     import warnings
 
@@ -198,7 +199,7 @@ def test_structured_backend_inside_the_scanned_stack(monkeypatch, structured: bo
     from flashpatch.testing import gemma, layouts
 
     monkeypatch.setattr(kvax_backend, "_kvax_causal", _causal_by_positions)
-    monkeypatch.setitem(flashpatch.backends._instances, "kvax", _StructuredStandIn())
+    use_backend("kvax", _StructuredStandIn())
     model = gemma.Module(configs=[gemma.get_config("tiny")], embed_dtype="float32", vocab_size=8)
     layout = layouts.pi0(2, 20, actions=5, masked_image=1)
     mask = layout.mask if structured else CASES["arbitrary"].mask[:, :, :21]

@@ -35,7 +35,7 @@ from flax.nnx import bridge as nnx_bridge
 from helpers import TOL, CountingXla, assert_finite, fast_jit, rel_err
 
 import flashpatch
-from flashpatch import backends, core, interception
+from flashpatch import backends, verify
 from flashpatch.backends.xla import XlaBackend
 from flashpatch.testing import gemma, gemma_fast, layouts
 from flashpatch.testing.lora import LoRAConfig
@@ -459,8 +459,8 @@ BREAKABLE = ["pi0", "pi05", "pi0_kv_cache", "fast", "fast_decode"]
 
 
 @pytest.mark.parametrize("name", BREAKABLE)
-def test_a_broken_attention_is_caught(monkeypatch, name: str) -> None:
-    monkeypatch.setitem(backends._instances, "xla", _DropsLastAttendedKey())
+def test_a_broken_attention_is_caught(monkeypatch, use_backend, name: str) -> None:
+    use_backend("xla", _DropsLastAttendedKey())
     for layout, got in evaluate(fresh_program(name, "float32"), name, "xla").items():
         with pytest.raises(AssertionError, match=r"rel\.err"):
             assert_close(name, "float32", layout, got)
@@ -489,10 +489,10 @@ def test_fully_masked_rows_matter_downstream(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("model", ["pi05_lora", "fast_lora"])
-def test_init_creates_the_same_parameters(monkeypatch, model: str) -> None:
+def test_init_creates_the_same_parameters(use_backend, model: str) -> None:
     """Same names, shapes, dtypes and values (adaRMS and LoRA included; gemma_fast through openpi's init())."""
     counter = CountingXla()
-    monkeypatch.setitem(backends._instances, "xla", counter)
+    use_backend("xla", counter)
     with flashpatch.enable("xla"):
         patched = jax.device_get(_initializer(model)(jax.random.PRNGKey(0)))
     assert counter.calls > 0, "init did not go through flashpatch"
@@ -529,11 +529,11 @@ def _load_pure_dict(state, pure: dict) -> None:
         state.replace_by_pure_dict(pure)
 
 
-def test_through_nnx_bridge(monkeypatch) -> None:
+def test_through_nnx_bridge(use_backend) -> None:
     """openpi's Pi0 holds its Gemma as nnx_bridge.ToNNX(module), created with lazy_init(method="init")
     under nnx.eval_shape, and loads parameters into that state."""
     counter = CountingXla()
-    monkeypatch.setitem(backends._instances, "xla", counter)
+    use_backend("xla", counter)
     name = "pi05"
     model = SCENARIOS[name].build("float32")
 
@@ -561,10 +561,10 @@ def test_through_nnx_bridge(monkeypatch) -> None:
         assert_close(name, "float32", layout, tree)
 
 
-def test_under_vmap(monkeypatch) -> None:
+def test_under_vmap(use_backend) -> None:
     """vmap over examples (each a batch of one) gives what the batched model gives."""
     counter = CountingXla()
-    monkeypatch.setitem(backends._instances, "xla", counter)
+    use_backend("xla", counter)
     name = "pi0"
     scenario = SCENARIOS[name]
     per_example = jax.vmap(functools.partial(scenario.compute, scenario.build("float32")), in_axes=(None, 0))
@@ -589,12 +589,12 @@ def test_under_vmap(monkeypatch) -> None:
 _VERIFY = re.compile(r"flashpatch verify: (\S+) via xla differs from the original by rel\.err (\S+)")
 
 
-@pytest.mark.skipif(not interception.flax_scan_takes_effects(), reason="this JAX/flax rejects callbacks inside nn.scan")
+@pytest.mark.skipif(not verify.works_in_flax_scan(), reason="this JAX/flax rejects callbacks inside nn.scan")
 def test_verify_mode_logs_each_target_once_and_then_only_larger_differences(monkeypatch, caplog) -> None:
     """enable(verify=True) logs, per target, its first difference from openpi's einsum and after that
     only a difference larger than any logged before (marked "new largest"); the same work again
     logs nothing."""
-    monkeypatch.setattr(core, "verify_log", core._VerifyLog())
+    monkeypatch.setattr(verify, "log", verify.VerifyLog())
     caplog.set_level(logging.WARNING, logger="flashpatch")
 
     def run_both() -> list[tuple[str, float, str]]:
@@ -621,7 +621,7 @@ def test_verify_mode_logs_each_target_once_and_then_only_larger_differences(monk
 
 def test_verify_mode_says_when_it_cannot_report(monkeypatch) -> None:
     """Where flax's nn.scan rejects callbacks, verify mode warns once per target and the model still runs."""
-    monkeypatch.setattr(interception, "flax_scan_takes_effects", lambda: False)
+    monkeypatch.setattr(verify, "works_in_flax_scan", lambda: False)
     jax.clear_caches()  # the verify=True program may already be traced (by the test above)
     with pytest.warns(flashpatch.FlashpatchWarning, match="verify mode cannot report"):
         for layout, tree in evaluate(program("pi0", "float32"), "pi0", "xla", verify=True).items():

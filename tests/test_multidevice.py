@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 import flashpatch
 from flashpatch.backends import kvax as kvax_backend
-from flashpatch.backends import kvax_compat
+from flashpatch.backends.kvax import compat as kvax_compat
 
 SCRIPT = Path(__file__).with_name("multidevice_check.py")
 #: Device count, and XLA's cheaper CPU code generation: the check compiles the model 8 times.

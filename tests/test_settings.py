@@ -67,8 +67,8 @@ def test_verify_must_be_a_bool() -> None:
 
 def test_settings_are_hashable_values_with_distinct_cache_keys() -> None:
     assert Settings("xla") == Settings("xla") and hash(Settings("xla")) == hash(Settings("xla"))
-    keys = {Settings(b, verify=v).cache_key for b in settings.BACKEND_NAMES for v in (False, True)}
-    assert len(keys) == 2 * len(settings.BACKEND_NAMES)
+    keys = {Settings(b, verify=v).cache_key for b in flashpatch.backend_names() for v in (False, True)}
+    assert len(keys) == 2 * len(flashpatch.backend_names())
 
 
 def test_bad_enable_opens_nothing() -> None:
@@ -92,6 +92,20 @@ def test_install_from_env() -> None:
 
 
 def test_backend_names_follow_the_registry() -> None:
+    """Settings, FLASHPATCH_BACKEND and backend_names() read the one registry: a new backend is accepted
+    everywhere once registered, and nowhere after."""
     from flashpatch import backends
+    from flashpatch.backends.xla import XlaBackend
 
-    assert ("auto", *backends.names()) == settings.BACKEND_NAMES
+    assert flashpatch.backend_names() == ("auto", *backends.names())
+    with pytest.raises(ValueError, match="got 'toy'"):
+        Settings(backend="toy")
+    backends.register("toy", XlaBackend)
+    try:
+        assert "toy" in flashpatch.backend_names()
+        assert Settings(backend="toy").backend == "toy"
+        assert from_env({"FLASHPATCH": "1", "FLASHPATCH_BACKEND": "toy"}) == Settings(backend="toy")
+    finally:
+        backends.unregister("toy")
+    with pytest.raises(ValueError, match="FLASHPATCH_BACKEND"):
+        from_env({"FLASHPATCH": "1", "FLASHPATCH_BACKEND": "toy"})

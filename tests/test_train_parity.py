@@ -64,10 +64,10 @@ class _WarmSoftmax(backends.Backend):
         return XlaBackend().attend(q * 1.01, k, v, mask, plan, problem)
 
 
-def test_broken_attention_breaks_parity(setup, monkeypatch) -> None:
+def test_broken_attention_breaks_parity(setup, use_backend) -> None:
     """A 1% softmax-temperature error must fail the check (grosser bugs are the conformance suite's)."""
     model, task, params, baseline = setup
-    monkeypatch.setitem(backends._instances, "xla", _WarmSoftmax())
+    use_backend("xla", _WarmSoftmax())
     patched = parity.train(model, task, params, CONFIG, "xla")
     gap = parity.compare(patched.losses, baseline.losses, window=1)
     assert gap.max_rel_gap >= TOLERANCE, f"a broken attention passed the parity check (gap {gap.max_rel_gap:.2e})"

@@ -8,7 +8,6 @@ import itertools
 import pytest
 
 from flashpatch import versions
-from flashpatch.versions import Version
 
 
 def fake(table: dict[str, str]) -> versions.Lookup:
@@ -22,56 +21,29 @@ def fake(table: dict[str, str]) -> versions.Lookup:
     return lookup
 
 
-# Each list is in strictly increasing order (PEP 440).
-ORDERED = [
-    ["0.4.34", "0.4.36.dev20241201", "0.4.36", "0.5.0", "0.5.3", "0.6", "0.9.0", "0.9.0.1", "0.10.2", "0.12.0"],
-    ["3.2.0.dev1", "3.2.0a1", "3.2.0b2", "3.2.0rc1", "3.2.0", "3.2.0.post1.dev0", "3.2.0.post1", "3.3.1"],
-    ["1.0.dev0", "1.0a1.dev0", "1.0a1", "1.0a1.post1", "1.0"],
-]
-
-
-@pytest.mark.parametrize("chain", ORDERED, ids=lambda chain: chain[0])
-def test_versions_sort_like_pep440(chain: list[str]) -> None:
-    parsed = [Version.parse(text) for text in chain]
-    for lower, higher in itertools.pairwise(parsed):
-        assert lower < higher and higher > lower and lower != higher, (lower, higher)
-        assert lower <= higher and not lower >= higher
-    assert sorted(reversed(parsed)) == parsed
-
-
 @pytest.mark.parametrize(
-    ("left", "right"),
-    [("0.5", "0.5.0"), ("0.5.3", "0.5.3.0"), ("2.7.1+cu126", "2.7.1"), ("3.3.1+gitabc123", "3.3.1"), ("v1.0", "1.0")],
+    ("text", "want"),
+    [("0.5.3", (0, 5, 3)), (" 0.4.36.dev20241201 ", (0, 4, 36)), ("2.7.1+cu126", (2, 7, 1)), ("3.2.0rc1", (3, 2, 0))],
 )
-def test_equal_versions(left: str, right: str) -> None:
-    assert Version.parse(left) == Version.parse(right)
-    assert hash(Version.parse(left)) == hash(Version.parse(right))
+def test_parse_reads_the_forms_our_stacks_use(text: str, want: tuple[int, ...]) -> None:
+    assert versions.parse(text).release == want
 
 
-def test_parse_keeps_text_and_parts() -> None:
-    version = Version.parse(" 0.4.36.dev20241201 ")
-    assert str(version) == "0.4.36.dev20241201"
-    assert version.release == (0, 4, 36) and version.dev == 20241201 and version.pre is None
-    assert Version.parse("3.2.0rc1").pre == (2, 1)
-    assert Version.parse("1").major_minor == (1, 0)
-    assert Version.parse("0.10.2").major_minor == (0, 10)
+def test_parse_orders_like_pip() -> None:
+    chain = ["0.4.36.dev20241201", "0.4.36", "0.5.3", "0.9.0.1", "0.10.2", "3.2.0rc1", "3.2.0", "3.2.0.post1"]
+    parsed = [versions.parse(text) for text in chain]
+    assert sorted(reversed(parsed)) == parsed
 
 
 @pytest.mark.parametrize("text", ["", "jax", "0.5.x", "1..2", "0.5.3-cuda", "+cu126"])
 def test_parse_rejects_non_versions(text: str) -> None:
     with pytest.raises(ValueError, match="version must look like"):
-        Version.parse(text)
+        versions.parse(text)
 
 
 def test_parse_rejects_non_strings() -> None:
     with pytest.raises(TypeError, match="version must be a str"):
-        Version.parse(0.5)  # type: ignore[arg-type]
-
-
-def test_compare_with_a_string_is_not_silently_false() -> None:
-    with pytest.raises(TypeError):
-        _ = Version.parse("0.5.3") < "0.6"  # type: ignore[operator]
-    assert Version.parse("0.5.3") != "0.5.3"
+        versions.parse(0.5)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -80,7 +52,8 @@ def test_compare_with_a_string_is_not_silently_false() -> None:
         ("0.5.3", ">=0.5.3,<0.6", True),
         ("0.6.0", ">=0.5.3,<0.6", False),
         ("0.5.2", ">=0.5.3,<0.6", False),
-        ("0.6.0rc1", "<0.6", True),  # a pre-release of 0.6 comes before 0.6
+        ("0.6.0rc1", "<0.6", False),  # PEP 440: "<0.6" excludes 0.6's own pre-releases
+        ("0.6.0rc1", "<0.7", True),
         ("3.1.0", "==3.1", True),
         ("3.1.0", "!=3.1.0", False),
         ("3.3.1+git123", "==3.3.1", True),
@@ -89,10 +62,10 @@ def test_compare_with_a_string_is_not_silently_false() -> None:
 )
 def test_satisfies(version: str, spec: str, expected: bool) -> None:
     assert versions.satisfies(version, spec) is expected
-    assert versions.satisfies(Version.parse(version), spec) is expected
+    assert versions.satisfies(versions.parse(version), spec) is expected
 
 
-@pytest.mark.parametrize("spec", ["", " , ", "~=0.5", "0.5.3", ">=", ">=0.5;<0.6"])
+@pytest.mark.parametrize("spec", ["", "0.5.3", ">=", ">=0.5;<0.6"])
 def test_satisfies_rejects_bad_specs(spec: str) -> None:
     with pytest.raises(ValueError, match="spec"):
         versions.satisfies("0.5.3", spec)
@@ -100,11 +73,11 @@ def test_satisfies_rejects_bad_specs(spec: str) -> None:
 
 def test_installed_reads_the_lookup_and_reports_missing_as_none() -> None:
     lookup = fake({"jax": "0.5.3", "jax-triton": "0.2.0"})
-    assert versions.installed("jax", lookup) == Version.parse("0.5.3")
+    assert versions.installed("jax", lookup) == versions.parse("0.5.3")
     assert versions.installed("kvax", lookup) is None
     assert versions.stack(["jax", "jax-triton", "triton"], lookup) == {
-        "jax": Version.parse("0.5.3"),
-        "jax-triton": Version.parse("0.2.0"),
+        "jax": versions.parse("0.5.3"),
+        "jax-triton": versions.parse("0.2.0"),
         "triton": None,
     }
 
@@ -118,12 +91,12 @@ def test_at_least() -> None:
     lookup = fake({"jax": "0.5.3", "triton": "3.3.1+git4d6f1a"})
     assert versions.at_least("jax", "0.5.3", lookup)
     assert not versions.at_least("jax", "0.6", lookup)
-    assert versions.at_least("triton", Version.parse("3.2"), lookup)
+    assert versions.at_least("triton", versions.parse("3.2"), lookup)
     assert not versions.at_least("kvax", "0.0", lookup)
 
 
 def test_installed_defaults_to_the_real_metadata() -> None:
-    assert versions.installed("pytest") == Version.parse(pytest.__version__)
+    assert versions.installed("pytest") == versions.parse(pytest.__version__)
     assert versions.installed("no-such-distribution-flashpatch-test") is None
 
 
@@ -141,14 +114,14 @@ def test_outside_tested(stack: dict[str, str], outside: set[str]) -> None:
     found = versions.outside_tested(lookup=fake(stack))
     assert set(found) == outside
     for name, (version, spec) in found.items():
-        assert version == Version.parse(stack[name]) and spec == versions.TESTED[name]
+        assert version == versions.parse(stack[name]) and spec == versions.TESTED[name]
 
 
 def test_installed_stack_is_within_the_tested_ranges() -> None:
     """Fails, on purpose, the first time CI resolves a JAX or Flax release nobody has tested.
 
     Then: run the suite on it, check `flashpatch.jit_cache.carrier_name` and the kvax compat gates,
-    update docs/supported-versions.md, and widen `versions.TESTED`.
+    update docs/user-guide.md, and widen `versions.TESTED`.
     """
     outside = versions.outside_tested()
     assert not outside, "untested releases installed: " + ", ".join(

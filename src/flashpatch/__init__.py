@@ -1,40 +1,104 @@
 """flashpatch: flash attention for openpi's Gemma models, switched on at run time, no source edits.
 
-with flashpatch.enable():            # this thread, this block
-    ...
-flashpatch.install()                 # the whole process (what FLASHPATCH=1 does)
+    with flashpatch.enable():            # this thread, this block
+        ...
+    flashpatch.install()                 # the whole process (what FLASHPATCH=1 does)
 
-@flashpatch.patch                    # every model the factory returns
-def make_model(config, rng): ...
+    @flashpatch.patch                    # every model the factory returns
+    def make_model(config, rng): ...
+
+Names load on first use, so `import flashpatch` imports no JAX (the interpreter-start hook relies on
+it). PYTEST_DONT_REWRITE: that hook may import this package before pytest starts, and pytest would
+otherwise warn that it cannot rewrite a module of a plugin's distribution.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
-from flashpatch.core import attention
-from flashpatch.diagnostics import FlashpatchWarning
-from flashpatch.settings import BACKEND_NAMES, Settings
-from flashpatch.settings import from_env as _settings_from_env
-from flashpatch.targets import register as register_target
-from flashpatch.toggles import disable, enable, install, installed, patch, patch_model, uninstall
+__version__ = "0.2.0"
 
-__version__ = "0.1.0"
+if TYPE_CHECKING:
+    from flashpatch.core import attention
+    from flashpatch.diagnostics import FlashpatchWarning
+    from flashpatch.settings import Settings
+    from flashpatch.targets import register as register_target
+    from flashpatch.toggles import disable, enable, install, installed, patch, patch_model, uninstall
+
+#: public name -> (module, attribute); attribute None: the module itself.
+_LAZY: dict[str, tuple[str, str | None]] = {
+    "attention": ("flashpatch.core", "attention"),
+    "FlashpatchWarning": ("flashpatch.diagnostics", "FlashpatchWarning"),
+    "Settings": ("flashpatch.settings", "Settings"),
+    "register_target": ("flashpatch.targets", "register"),
+    "disable": ("flashpatch.toggles", "disable"),
+    "enable": ("flashpatch.toggles", "enable"),
+    "install": ("flashpatch.toggles", "install"),
+    "installed": ("flashpatch.toggles", "installed"),
+    "patch": ("flashpatch.toggles", "patch"),
+    "patch_model": ("flashpatch.toggles", "patch_model"),
+    "uninstall": ("flashpatch.toggles", "uninstall"),
+}
+_SUBMODULES = (
+    "backends",
+    "core",
+    "diagnostics",
+    "doctor",
+    "drift",
+    "interception",
+    "jit_cache",
+    "masks",
+    "meshes",
+    "selection",
+    "settings",
+    "targets",
+    "testing",
+    "toggles",
+    "versions",
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module, attribute = _LAZY[name]
+        value = getattr(importlib.import_module(module), attribute)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"flashpatch.{name}")
+    else:
+        raise AttributeError(f"module 'flashpatch' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY, *_SUBMODULES})
+
+
+def backend_names() -> tuple[str, ...]:
+    """What `enable(backend=...)` and FLASHPATCH_BACKEND accept: 'auto' and every registered backend."""
+    from flashpatch import backends
+
+    return backends.choices()
 
 
 def install_from_env(environ: Mapping[str, str] | None = None) -> Settings | None:
     """Install process-wide as FLASHPATCH / FLASHPATCH_BACKEND / FLASHPATCH_VERIFY ask; None if off."""
-    chosen = _settings_from_env(environ)
+    from flashpatch import settings, toggles
+
+    chosen = settings.from_env(environ)
     if chosen is not None:
-        install(backend=chosen.backend, verify=chosen.verify)
+        toggles.install(backend=chosen.backend, verify=chosen.verify)
     return chosen
 
 
 __all__ = [
-    "BACKEND_NAMES",
     "FlashpatchWarning",
     "Settings",
+    "__version__",
     "attention",
+    "backend_names",
     "disable",
     "enable",
     "install",

@@ -1,17 +1,33 @@
-"""`python -m flashpatch doctor [options]`."""
+"""`python -m flashpatch doctor|bench [options]`."""
 
 from __future__ import annotations
 
 import sys
 
+USAGE = """usage: python -m flashpatch COMMAND [options]
+
+commands:
+  doctor   what is installed, what would be patched, which backend `auto` picks for a shape, and why
+  bench    benchmark every backend against openpi's einsum (the same as python -m flashpatch.bench)
+
+python -m flashpatch COMMAND --help shows a command's options."""
+
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] != "doctor":
-        print("usage: python -m flashpatch doctor [--help]", file=sys.stderr)
-        return 2
-    from flashpatch import doctor
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "doctor":
+        from flashpatch import doctor
 
-    return doctor.main(argv[1:])
+        return doctor.main(rest)
+    if command == "bench":
+        from flashpatch.bench.cli import main as bench
+
+        return bench(rest)
+    print(f"python -m flashpatch: error: unknown command {command!r}; the commands are doctor and bench", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -6,9 +6,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from flashpatch import backends, diagnostics, masks, selection
+from flashpatch import backends, diagnostics, masks, selection, verify
 from flashpatch.backends.base import Problem
-from flashpatch.backends.reference import reference_attention
 from flashpatch.settings import Settings
 
 
@@ -77,14 +76,20 @@ def attention(
     diagnostics.info_once(("backend", site, choice.backend), f"{site} -> {choice.backend} ({choice.reason})")
 
     mask = attn_mask[:, 0]
-    if choice.backend == "reference":
-        out = reference_attention(q, k, v, mask, probs_dtype)
+    backend = backends.get(choice.backend)
+    if backend.fills_empty_rows:
+        out = backend.attend(q, k, v, mask, None, problem)
     else:
-        out = _flash(q, k, v, mask, backends.get(choice.backend), problem)
+        out = _flash(q, k, v, mask, backend, problem)
 
     if settings.verify:
-        _report_difference(site, choice.backend, out, reference_attention(q, k, v, mask, probs_dtype))
+        verify.report(site, choice.backend, out, original(q, k, v, mask, problem))
     return out
+
+
+def original(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, problem: Problem) -> jax.Array:
+    """openpi's own computation of one call (the registry's `reference` backend), mask (B, T, S)."""
+    return backends.get("reference").attend(q, k, v, mask, None, problem)
 
 
 def _flash(q, k, v, mask, backend, problem: Problem) -> jax.Array:
@@ -148,39 +153,3 @@ def _warn_fallback_ran(backend: backends.Backend) -> None:
         )
 
     jax.debug.callback(say)
-
-
-def _report_difference(site: str, backend_name: str, out: jax.Array, ref: jax.Array) -> None:
-    diff = (out.astype(jnp.float32) - ref.astype(jnp.float32)).ravel()
-    ref32 = ref.astype(jnp.float32).ravel()
-    rel = jnp.linalg.norm(diff) / jnp.maximum(jnp.linalg.norm(ref32), jnp.finfo(jnp.float32).tiny)
-    worst = jnp.max(jnp.abs(diff))
-
-    def say(rel_err, max_abs) -> None:
-        verify_log.record(site, backend_name, float(rel_err), float(max_abs))
-
-    jax.debug.callback(say, rel, worst)
-
-
-class _VerifyLog:
-    """Largest difference seen per (site, backend); reported once, then whenever it grows."""
-
-    def __init__(self) -> None:
-        self.worst: dict[tuple[str, str], tuple[float, float]] = {}
-
-    def record(self, site: str, backend_name: str, rel_err: float, max_abs: float) -> None:
-        key = (site, backend_name)
-        previous = self.worst.get(key)
-        if previous is None or rel_err > previous[0]:
-            self.worst[key] = (rel_err, max_abs)
-            diagnostics.logger.warning(
-                "flashpatch verify: %s via %s differs from the original by rel.err %.3g (max abs %.3g)%s",
-                site,
-                backend_name,
-                rel_err,
-                max_abs,
-                "" if previous is None else " (new largest)",
-            )
-
-
-verify_log = _VerifyLog()

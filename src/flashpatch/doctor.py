@@ -8,13 +8,10 @@ import importlib.metadata
 import platform
 import sys
 
-import jax
-import jax.numpy as jnp
+from flashpatch import backends, cli
 
-from flashpatch import backends, jit_cache, selection, settings, targets
-from flashpatch.backends.base import Problem
-
-PACKAGES = ("flashpatch", "jax", "jaxlib", "flax", "wrapt", "kvax", "jax-triton", "triton", "numpy")
+PACKAGES = ("flashpatch", "jax", "jaxlib", "flax", "wrapt", "numpy", "kvax", "jax-triton", "triton", "tokamax")
+DTYPES = ("bfloat16", "float16", "float32")
 
 
 def _version(name: str) -> str:
@@ -24,7 +21,7 @@ def _version(name: str) -> str:
         return "not installed"
 
 
-def _target_status(target: targets.Target) -> str:
+def _target_status(target) -> str:
     try:
         module = importlib.import_module(target.module)
     except ImportError as err:
@@ -36,8 +33,12 @@ def _target_status(target: targets.Target) -> str:
     return "ready to patch" if reason is None else f"will NOT be patched: {reason}"
 
 
-def problem_from(args: argparse.Namespace) -> Problem:
-    dtype = jnp.dtype(args.dtype).name
+def problem_from(args: argparse.Namespace):
+    import jax
+
+    from flashpatch.backends.base import Problem
+
+    dtype = args.dtype
     return Problem(
         batch=args.batch,
         q_len=args.q_len,
@@ -53,14 +54,30 @@ def problem_from(args: argparse.Namespace) -> Problem:
     )
 
 
+def _environment() -> str:
+    from flashpatch import settings
+
+    try:
+        env = settings.from_env()
+    except ValueError as err:
+        return f"INVALID, so flashpatch stays off at start-up: {err}"
+    return "FLASHPATCH is off" if env is None else str(env)
+
+
 def report(args: argparse.Namespace) -> str:
+    import jax
+
+    from flashpatch import jit_cache, selection, targets, versions
+
     lines = ["flashpatch doctor", "", "versions:"]
     lines += [f"  python {platform.python_version()} ({sys.executable})"]
     lines += [f"  {name} {_version(name)}" for name in PACKAGES]
     lines += ["", f"devices: {jax.default_backend()}: {', '.join(d.device_kind for d in jax.devices())}"]
+    untested = versions.outside_tested()
+    if untested:
+        lines += ["untested releases: " + ", ".join(f"{n} {v} (tested: {spec})" for n, (v, spec) in untested.items())]
     lines += [f"jit cache keyed through: {jit_cache.carrier_name()}"]
-    env = settings.from_env()
-    lines += [f"environment: {'FLASHPATCH is off' if env is None else env}"]
+    lines += [f"environment: {_environment()}"]
     lines += ["", "targets:"]
     lines += [f"  {t.site} ({t.adapter.kind}): {_target_status(t)}" for t in targets.all_targets()]
     problem = problem_from(args)
@@ -71,7 +88,10 @@ def report(args: argparse.Namespace) -> str:
         "backends:",
     ]
     for name in backends.names():
-        reason = backends.get(name).unsupported(problem)
+        try:
+            reason = backends.get(name).unsupported(problem)
+        except Exception as err:  # a plugin backend that cannot even be built
+            reason = f"could not be loaded ({type(err).__name__}: {err})"
         lines.append(f"  {name}: {'can run it' if reason is None else 'cannot: ' + reason}")
     choice = selection.choose(args.backend, problem)
     lines += ["", f"{args.backend} picks: {choice.backend}", f"  because {choice.reason}"]
@@ -79,15 +99,23 @@ def report(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flashpatch doctor", description=__doc__)
-    parser.add_argument("--backend", default="auto", choices=settings.BACKEND_NAMES)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--q-len", type=int, default=867, help="query length (openpi pi0: about 867)")
-    parser.add_argument("--kv-len", type=int, default=867)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=1)
-    parser.add_argument("--head-dim", type=int, default=256)
-    parser.add_argument("--dtype", default="bfloat16")
+    prog = "python -m flashpatch doctor"
+    parser = cli.Parser(prog=prog, description=__doc__)
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        type=cli.one_of(backends.choices, "--backend"),
+        help=f"what to resolve for the shape: {', '.join(backends.choices())} (default auto)",
+    )
+    parser.add_argument("--batch", type=cli.positive_int, default=1)
+    parser.add_argument("--q-len", type=cli.positive_int, default=867, help="query length (openpi pi0: about 867)")
+    parser.add_argument("--kv-len", type=cli.positive_int, default=867)
+    parser.add_argument("--heads", type=cli.positive_int, default=8)
+    parser.add_argument("--kv-heads", type=cli.positive_int, default=1)
+    parser.add_argument("--head-dim", type=cli.positive_int, default=256)
+    parser.add_argument("--dtype", default="bfloat16", type=cli.one_of(DTYPES, "--dtype"), help=", ".join(DTYPES))
     args = parser.parse_args(argv)
+    if args.heads % args.kv_heads:
+        cli.fail(prog, f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
     print(report(args))
     return 0

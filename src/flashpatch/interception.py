@@ -12,23 +12,20 @@ class gets its original `__call__` back.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import inspect
 import sys
 import threading
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import wrapt
 
-from flashpatch import core, diagnostics, settings, targets
-from flashpatch.backends.reference import reference_attention
+from flashpatch import core, diagnostics, drift, settings, targets, verify
+from flashpatch.backends.base import Problem
 from flashpatch.settings import Settings
 from flashpatch.targets.base import Target
 
@@ -36,7 +33,6 @@ _lock = threading.RLock()
 _users = 0
 _bound: dict[Target, tuple[type, Callable[..., Any]]] = {}
 _hooked: set[str] = set()
-_local = threading.local()
 
 
 def acquire() -> None:
@@ -121,7 +117,7 @@ def _gate(target: Target, original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original, updated=())
     def flashpatch_gate(self, *args, **kwargs):
         active = settings.current()
-        if active is None or getattr(_local, "bypass", False):
+        if active is None or drift.bypassed():
             return original(self, *args, **kwargs)
         interceptor = functools.partial(_intercept, target, signature, self, active)
         with nn.intercept_methods(interceptor):
@@ -139,117 +135,30 @@ def _intercept(target, signature, instance, active: Settings, next_fun, args, kw
     arguments = dict(call.arguments)
     arguments.pop(next(iter(signature.parameters)))
     target.adapter.check(instance, arguments)  # before the layout check runs the original on bad input
-    reason = _layout_drift(target, instance, args, kwargs)
+    reason = drift.layout_drift(target, instance, args, kwargs)
     if reason is not None:
         diagnostics.warn_once(
             ("layout", target.site, reason),
             f"{target.site}: the replacement would not reproduce the original ({reason}); the original runs",
         )
         return next_fun(*args, **kwargs)
-    if active.verify and not flax_scan_takes_effects():
+    if active.verify and not verify.works_in_flax_scan():
         diagnostics.warn_once(
             ("verify", target.site),
             f"{target.site}: verify mode cannot report from inside flax's nn.scan with this JAX and flax "
-            "(flax rejects callbacks in a scanned body); the patched calls run without the comparison",
+            "(flax rejects callbacks in a scanned body); the patched calls run without the comparison.",
         )
         active = dataclasses.replace(active, verify=False)
-    if getattr(_local, "checking", False):
-        attend = _shape_only_core  # the layout check traces abstractly; no backend choice, no messages
+    if drift.checking():
+        attend = _shape_only_core  # the drift guard traces abstractly; no backend choice, no messages
     else:
         attend = functools.partial(core.attention, settings=active, site=target.site)
     return target.adapter.forward(instance, arguments, attend)
 
 
-@functools.cache
-def flax_scan_takes_effects() -> bool:
-    """Whether a jax.debug.callback that reads activations may run inside flax's nn.scan here.
-
-    Verify mode reports through such a callback. With JAX 0.12 and flax 0.12.12 flax refuses it
-    ("broadcasted variable has a data dependency on the scan body"); JAX 0.10 and 0.5 accept it.
-    """
-
-    class Step(nn.Module):
-        @nn.compact
-        def __call__(self, x, _):
-            jax.debug.callback(lambda _: None, x)
-            return x, None
-
-    scanned = nn.scan(Step, variable_axes={}, in_axes=(nn.broadcast,), length=1)
-    try:
-        jax.eval_shape(lambda x: scanned().init_with_output(jax.random.PRNGKey(0), x, x), jnp.zeros(1))
-    except ValueError:
-        return False
-    return True
-
-
 def _shape_only_core(q, k, v, attn_mask, *, probs_dtype):
     core.check_inputs(q, k, v, attn_mask)
-    return reference_attention(q, k, v, attn_mask[:, 0], probs_dtype)
+    problem = Problem.of(q, k, v, probs_dtype or q.dtype, "cpu")
+    return core.original(q, k, v, attn_mask[:, 0], problem)
 
 
-@contextlib.contextmanager
-def _flag(name: str) -> Iterator[None]:
-    previous = getattr(_local, name, False)
-    setattr(_local, name, True)
-    try:
-        yield
-    finally:
-        setattr(_local, name, previous)
-
-
-_layouts: dict[tuple, str | None] = {}
-
-
-def _layout_drift(target: Target, instance: Any, args: tuple, kwargs: dict) -> str | None:
-    """Compare, abstractly, the variables and outputs of the original and of the replacement.
-
-    Done once per (class, fields, input shapes): a checkpoint that loads into the original must
-    load into the patched module, and the outputs must have the same structure, shapes and dtypes.
-    """
-    if getattr(_local, "checking", False):
-        return None
-    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
-    is_array = [hasattr(x, "shape") and hasattr(x, "dtype") for x in leaves]
-    fields = tuple(
-        (name, repr(getattr(instance, name)))
-        for name in getattr(type(instance), "__dataclass_fields__", {})
-        if name not in ("parent", "name")
-    )
-    avals = tuple((x.shape, str(x.dtype)) if a else repr(x) for x, a in zip(leaves, is_array, strict=True))
-    key = (type(instance), fields, treedef, avals)
-    if key in _layouts:
-        return _layouts[key]
-
-    clone = instance.clone(parent=None)
-    dynamic = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x, a in zip(leaves, is_array, strict=True) if a]
-
-    def abstract_init() -> Any:
-        # A new function per pass: jax.eval_shape caches traces on the function object, and the
-        # bypass flag is not in that cache's key, so reusing one would hand the second pass the
-        # first pass's result (and no drift would ever be seen).
-        def init(*arrays):
-            it = iter(arrays)
-            filled = [next(it) if a else x for x, a in zip(leaves, is_array, strict=True)]
-            call_args, call_kwargs = jax.tree_util.tree_unflatten(treedef, filled)
-            return clone.init_with_output(jax.random.PRNGKey(0), *call_args, **call_kwargs)
-
-        return jax.eval_shape(init, *dynamic)
-
-    with _flag("checking"), _flag("bypass"):
-        original = abstract_init()
-    with _flag("checking"):
-        replaced = abstract_init()
-    _layouts[key] = reason = _compare(original, replaced)
-    return reason
-
-
-def _compare(original: Any, replaced: Any) -> str | None:
-    def table(tree):
-        flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-        return {jax.tree_util.keystr(path): (tuple(x.shape), str(x.dtype)) for path, x in flat}
-
-    want, got = table(original), table(replaced)
-    for path in sorted(set(want) | set(got)):
-        if want.get(path) != got.get(path):
-            return f"at {path}: original {want.get(path)}, replacement {got.get(path)}"
-    return None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from flashpatch import backends
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("flashpatch")
@@ -17,7 +19,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--flashpatch-backend",
         default="auto",
         metavar="NAME",
-        help="backend for --flashpatch: auto (default), reference, xla, kvax, cudnn, cudnn_split",
+        help=f"backend for --flashpatch: {', '.join(backends.choices())} (default auto)",
     )
 
 

@@ -1,5 +1,7 @@
 """What flashpatch should do right now: per thread, with a process-wide default.
 
+Imports no JAX: the interpreter-start hook parses the environment with it before anything heavy loads.
+
 `enable()` pushes settings for the calling thread (like JAX's own config contexts, which are
 thread-local); the process-wide default comes from `FLASHPATCH*` environment variables or
 `flashpatch.set_default()`, and is what threads see when they have pushed nothing.
@@ -12,7 +14,8 @@ import os
 import threading
 from collections.abc import Mapping
 
-BACKEND_NAMES = ("auto", "reference", "xla", "kvax", "cudnn", "cudnn_split")
+from flashpatch import backends
+
 _TRUE = ("1", "true", "on", "yes")
 _FALSE = ("0", "false", "off", "no", "")
 
@@ -25,8 +28,9 @@ class Settings:
     verify: bool = False
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKEND_NAMES:
-            raise ValueError(f"backend must be one of {', '.join(BACKEND_NAMES)}; got {self.backend!r}")
+        allowed = backends.choices()
+        if self.backend not in allowed:
+            raise ValueError(f"backend must be one of {', '.join(allowed)}; got {self.backend!r}")
         if not isinstance(self.verify, bool):
             raise TypeError(f"verify must be a bool; got {self.verify!r}")
 
@@ -59,12 +63,22 @@ def push(settings: Settings | None) -> int:
 
 
 def pop(depth: int) -> None:
+    """Leave the block pushed at `depth`.
+
+    Leaving out of order (an outer block before an inner one) raises, after dropping this block and
+    every block inside it, so that the thread is never left patched by a block that has ended; the
+    inner blocks' own exits are then no-ops.
+    """
     stack = _stack()
-    if len(stack) != depth:
+    if len(stack) < depth:
+        return  # already dropped when an outer block was left out of order
+    out_of_order = len(stack) != depth
+    del stack[depth - 1 :]
+    if out_of_order:
         raise RuntimeError(
-            "flashpatch contexts were exited out of order (an enable() left while a later one was still open)"
+            "flashpatch: enable()/disable() blocks were left out of order (an outer block ended while an inner "
+            "one was open); both are now closed on this thread. Leave nested blocks innermost first."
         )
-    stack.pop()
 
 
 def get_default() -> Settings | None:
@@ -92,8 +106,7 @@ def from_env(environ: Mapping[str, str] | None = None) -> Settings | None:
     if not parse_flag("FLASHPATCH", env.get("FLASHPATCH", "")):
         return None
     backend = env.get("FLASHPATCH_BACKEND", "auto").strip().lower() or "auto"
-    if backend not in BACKEND_NAMES:
-        raise ValueError(
-            f"environment variable FLASHPATCH_BACKEND must be one of {', '.join(BACKEND_NAMES)}; got {backend!r}"
-        )
+    allowed = backends.choices()
+    if backend not in allowed:
+        raise ValueError(f"environment variable FLASHPATCH_BACKEND must be one of {', '.join(allowed)}; got {backend!r}")
     return Settings(backend=backend, verify=parse_flag("FLASHPATCH_VERIFY", env.get("FLASHPATCH_VERIFY", "")))

@@ -81,6 +81,9 @@ class Backend:
     #: blockwise, so the fallback costs no T x S memory.
     structure: ClassVar[str] = "block-causal, as openpi's masks are"
     fallback: ClassVar[str] = "xla"
+    #: Gives rows that attend no key openpi's value itself (only the original computation does); False:
+    #: the caller overwrites those rows.
+    fills_empty_rows: ClassVar[bool] = False
 
     def unsupported(self, problem: Problem) -> str | None:
         """Why this backend cannot compute `problem` exactly, or None if it can."""

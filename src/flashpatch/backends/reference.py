@@ -28,6 +28,7 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arra
 class ReferenceBackend(Backend):
     name = "reference"
     dtypes = ("float32", "bfloat16", "float16", "float64")
+    fills_empty_rows = True
 
     def attend(self, q, k, v, mask, plan: MaskPlan | None, problem: Problem):
         return reference_attention(q, k, v, mask, problem.probs_dtype)

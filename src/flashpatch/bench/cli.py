@@ -13,34 +13,50 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from flashpatch.bench.options import QUICK, SCENARIOS, Options
+from flashpatch import cli
+from flashpatch.bench.options import OPENPI_CASES, QUICK, SCENARIOS, Options, variant_names
 
+PROG = "python -m flashpatch.bench"
 #: Share of the time budget per group of cases (see timing.Budget).
-BUDGET_WEIGHTS = {"core": 1.0, "gemma/train": 1.5, "gemma/infer": 0.75, "gemma_fast": 1.0}
-_GROUPS = {"core": ("core",), "gemma": ("gemma/train", "gemma/infer"), "gemma_fast": ("gemma_fast",)}
+BUDGET_WEIGHTS = {"core": 1.0, "gemma/train": 1.5, "gemma/infer": 0.75, "gemma_fast": 1.0, "openpi": 3.0}
+_GROUPS = {
+    "core": ("core",),
+    "gemma": ("gemma/train", "gemma/infer"),
+    "gemma_fast": ("gemma_fast",),
+    "openpi": ("openpi",),
+}
 
 
 def _ints(text: str) -> tuple[int, ...]:
     try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
+        values = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 512,1024; got {text!r}") from None
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
+        values = ()
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, e.g. 512,1024; got {text!r}")
+    return values
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m flashpatch.bench",
+    p = cli.Parser(
+        prog=PROG,
         description="Benchmark flashpatch's attention backends against openpi's einsum path, side by side.",
     )
     d = Options()
-    p.add_argument("--quick", action="store_true", help="tiny sizes (CPU, seconds): keeps the benchmark alive in CI")
+    p.add_argument(
+        "--quick", action="store_true", help="tiny sizes on the CPU (about 1.5 minutes): keeps every path alive in CI"
+    )
     p.add_argument("--out", type=Path, help="output directory (default benchmarks/results/<date>-<device>)")
-    p.add_argument("--scenarios", type=_names, help=f"comma list of {','.join(SCENARIOS)} (default all)")
-    p.add_argument("--backends", type=_names, help="comma list of flashpatch backends (default every registered one)")
+    p.add_argument(
+        "--scenarios",
+        type=cli.names_from(lambda: SCENARIOS, "--scenarios"),
+        help=f"comma list of {','.join(SCENARIOS)} (default {','.join(d.scenarios)})",
+    )
+    p.add_argument(
+        "--backends",
+        type=cli.names_from(variant_names, "--backends"),
+        help="comma list of flashpatch backends, and auto (default every registered backend)",
+    )
     p.add_argument(
         "--core-sizes", type=_ints, help=f"core T = S values, run in this order (default {_csv(d.core_sizes)})"
     )
@@ -58,6 +74,27 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, help=f"Gemma layers (default {d.depth}, the real models')")
     p.add_argument("--prefix-expert", help=f"flashpatch.testing.gemma variant (default {d.prefix_expert})")
     p.add_argument("--action-expert", help=f"flashpatch.testing.gemma variant (default {d.action_expert})")
+    p.add_argument(
+        "--openpi-src", type=Path, metavar="DIR", help="openpi's src/ folder (scenario openpi; default: an installed openpi)"
+    )
+    p.add_argument(
+        "--openpi-cases",
+        type=cli.names_from(lambda: OPENPI_CASES, "--openpi-cases"),
+        help=f"comma list of {','.join(OPENPI_CASES)} (default all)",
+    )
+    p.add_argument("--openpi-batch", type=cli.positive_int, help=f"pi0/pi0.5 training batch (default {d.openpi_batch})")
+    p.add_argument("--openpi-long-batch", type=cli.positive_int, help=f"long-prompt batch (default {d.openpi_long_batch})")
+    p.add_argument(
+        "--openpi-long-prompt", type=cli.positive_int, help=f"long prompt, tokens (default {d.openpi_long_prompt})"
+    )
+    p.add_argument(
+        "--openpi-grad-check",
+        action=argparse.BooleanOptionalAction,
+        help="loss and gradients at step 0 against the float32 model (default on)",
+    )
+    p.add_argument(
+        "--openpi-fit-prompts", type=_ints, help="prompt lengths for the largest T that trains (default: not run)"
+    )
     p.add_argument("--warmup", type=int, help=f"warm-up calls (default {d.warmup})")
     p.add_argument("--repeats", type=int, help=f"most timed repeats per measurement (default {d.repeats})")
     p.add_argument("--case-seconds", type=float, help=f"cap on one timed loop (default {d.case_seconds})")
@@ -90,7 +127,12 @@ def _options(args: dict[str, Any]) -> Options:
     quick = args.pop("quick")
     given = {name: value for name, value in args.items() if value is not None}
     options = dataclasses.replace(Options(), **{**(QUICK if quick else {}), **given})
-    options.validate()
+    try:
+        options.validate()
+    except ValueError as err:
+        cli.fail(PROG, str(err))
+    if options.openpi_src is not None and not options.openpi_src.is_dir():
+        cli.fail(PROG, f"--openpi-src must be openpi's src/ folder; {options.openpi_src} is not a directory")
     return options
 
 
@@ -109,6 +151,8 @@ def main(argv: Sequence[str] | None = None, stream: TextIO = sys.stdout) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = vars(parser().parse_args(argv))
     if args["render"] is not None:
+        if not (args["render"] / "results.json").is_file():
+            cli.fail(PROG, f"--render needs a directory with a results.json; {args['render'] / 'results.json'} is missing")
         return render(args["render"], stream)
     options = _options(args)
 
@@ -119,10 +163,10 @@ def main(argv: Sequence[str] | None = None, stream: TextIO = sys.stdout) -> int:
 
     from flashpatch.bench.harness import Harness
     from flashpatch.bench.records import run_metadata
-    from flashpatch.bench.scenarios import core, gemma, gemma_fast
+    from flashpatch.bench.scenarios import core, gemma, gemma_fast, openpi
     from flashpatch.bench.timing import Budget
 
-    runners = {"core": core.run, "gemma": gemma.run, "gemma_fast": gemma_fast.run}
+    runners = {"core": core.run, "gemma": gemma.run, "gemma_fast": gemma_fast.run, "openpi": openpi.run}
     weights = {g: BUDGET_WEIGHTS[g] for s in options.scenarios for g in _GROUPS[s]}
     harness = Harness(options, Budget(options.budget_s, weights), stream)
     meta = run_metadata("python -m flashpatch.bench " + shlex.join(argv), _jsonable(options))
@@ -134,6 +178,7 @@ def main(argv: Sequence[str] | None = None, stream: TextIO = sys.stdout) -> int:
     )
     for scenario in options.scenarios:
         runners[scenario](harness)
+    meta["notes"] = harness.notes
     write_outputs(options.out or _default_out(meta), meta, harness.records, stream)
     return 1 if any(r.status == "error" for r in harness.records) else 0
 
@@ -156,7 +201,7 @@ def write_outputs(out: Path, meta: dict[str, Any], records: Sequence[Any], strea
     document = {"meta": meta, "records": [r.as_dict() for r in records], "fits": fit_rows}
     (out / "results.json").write_text(json.dumps(document, indent=1) + "\n")
     try:
-        images = plots.write(records, out, meta["device"].get("memory_limit_bytes"))
+        images = plots.write(records, out, meta)
     except ImportError as err:
         images = []
         print(f"no plots: {err} (install matplotlib, or rerun with --render {out} where it is)", file=stream)

@@ -18,7 +18,7 @@ import numpy as np
 import flashpatch
 from flashpatch import backends, diagnostics, selection
 from flashpatch.bench import memory, timing
-from flashpatch.bench.options import Options
+from flashpatch.bench.options import Options, variant_names
 from flashpatch.bench.records import Record
 
 EINSUM = "einsum"
@@ -43,8 +43,8 @@ class Variant:
 
 def variants(asked: Sequence[str]) -> list[Variant]:
     """einsum first (speedups need it at each size), then the asked backends, or every registered one."""
-    known = [name for name in backends.names() if name != "reference"]
-    names = list(asked) or known
+    known = variant_names()
+    names = list(asked) or [name for name in known if name != "auto"]
     unknown = [name for name in names if name not in known]
     if unknown:
         raise ValueError(f"backends must be among {', '.join(known)}; got {', '.join(unknown)}")
@@ -102,6 +102,7 @@ class Harness:
         self.variants = variants(options.backends)
         self.device = jax.devices()[0]
         self.records: list[Record] = []
+        self.notes: list[str] = []  # about the whole run (where the models came from, say)
         self._einsum: dict[tuple[str, str, int], Record] = {}
         self._einsum_outputs: dict[tuple[str, str, int], np.ndarray] = {}
         self._out_of_memory_at: dict[tuple[str, str, str], int] = {}
@@ -185,7 +186,7 @@ class Harness:
         if variant.name != EINSUM:
             if not choices:
                 raise RuntimeError(f"flashpatch intercepted no attention call for {variant.name}")
-            if variant.backend not in ran:
+            if variant.name != "auto" and variant.backend not in ran:
                 raise Unsupported("; ".join(fallbacks) or f"{variant.backend} was never chosen")
         rec.backends_ran = sorted({*rec.backends_ran, *(ran or ["original einsum"])})
         rec.notes.extend(reason for reason in fallbacks if reason not in rec.notes)
@@ -231,6 +232,15 @@ class Harness:
         elif key in self._einsum_outputs:
             rec.metrics[name] = rel_err(value, self._einsum_outputs[key])
 
+    def compare_tokens_to_einsum(self, rec: Record, tokens: Any) -> None:
+        """Store einsum's decoded tokens, or the share of tokens equal to them as `tokens_same_as_einsum`."""
+        key = (rec.scenario, rec.case, rec.size)
+        value = np.asarray(tokens)
+        if rec.variant == EINSUM:
+            self._einsum_outputs[key] = value
+        elif key in self._einsum_outputs:
+            rec.metrics["tokens_same_as_einsum"] = float(np.mean(value == self._einsum_outputs[key]))
+
     # -- output --------------------------------------------------------------------------------
 
     def progress_line(self, rec: Record) -> str:
@@ -252,11 +262,15 @@ class Harness:
 
 
 def size_label(scenario: str) -> str:
-    return "cache" if scenario == "gemma_fast" else "T"
+    return {"gemma_fast": "cache", "openpi": "prompt"}.get(scenario, "T")
 
 
 def format_metric(name: str, value: float) -> str:
-    if name.startswith(("rel_", "loss")):
+    if name in ("seq_len",):
+        return f"{value:.0f}"
+    if name in ("ceiling_share", "tokens_same_as_einsum", "gflop_vs_einsum"):
+        return f"{value:.0%}"
+    if name.startswith(("rel_", "loss", "grad_")):
         return f"{value:.2e}"
     if abs(value) >= 1e4:
         return f"{value:,.0f}"

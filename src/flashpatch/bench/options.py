@@ -1,16 +1,26 @@
-"""What one benchmark run measures: sizes, repeats, budget. Defaults fit one H100 in about 6 minutes."""
+"""What one benchmark run measures: sizes, repeats, budget."""
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 
-SCENARIOS = ("core", "gemma", "gemma_fast")
+from flashpatch import backends
+
+SCENARIOS = ("core", "gemma", "gemma_fast", "openpi")
+#: Run when --scenarios is not given (openpi's own models only where asked: they need openpi).
+DEFAULT_SCENARIOS = ("core", "gemma", "gemma_fast")
+OPENPI_CASES = ("pi0_train", "pi05_train", "pi0_long_train", "pi0_sample", "pi05_sample", "pi0_fast_sample")
+
+
+def variant_names() -> tuple[str, ...]:
+    """What --backends takes: every registered backend but the original itself (the einsum), and 'auto'."""
+    return (*(name for name in backends.names() if name != "reference"), "auto")
 
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    scenarios: tuple[str, ...] = SCENARIOS
+    scenarios: tuple[str, ...] = DEFAULT_SCENARIOS
     #: flashpatch backends to compare with the einsum path; empty: every registered backend.
     backends: tuple[str, ...] = ()
 
@@ -37,6 +47,15 @@ class Options:
     cache_sizes: tuple[int, ...] = (1024, 4096)
     decode_steps: int = 64
     decode_batch: int = 1
+
+    # openpi's own models (scenario "openpi"): openpi from openpi_src, installed, or else the fixtures.
+    openpi_src: Path | None = None
+    openpi_cases: tuple[str, ...] = OPENPI_CASES
+    openpi_batch: int = 32  # pi0 / pi0.5 training at their default prompt lengths
+    openpi_long_batch: int = 4
+    openpi_long_prompt: int = 3328  # pi0 with 3 cameras: T = 768 + 3328 + 51 = 4147
+    openpi_grad_check: bool = True  # step-0 loss and gradients against the float32 model
+    openpi_fit_prompts: tuple[int, ...] = ()  # prompt lengths tried for the largest T that trains
 
     # Method.
     warmup: int = 2
@@ -65,7 +84,11 @@ class Options:
         small = [t for t in self.core_sizes if t < suffix + 8]
         if small:
             raise ValueError(f"core_sizes must be at least action_horizon + 9 = {suffix + 8}; got {small}")
-        for name in ("core_batch", "train_batch", "infer_batch", "decode_batch", "depth", "repeats", "input_sets"):
+        unknown = set(self.openpi_cases) - set(OPENPI_CASES)
+        if unknown:
+            raise ValueError(f"openpi_cases must be among {', '.join(OPENPI_CASES)}; got {', '.join(sorted(unknown))}")
+        names = ("core_batch", "train_batch", "infer_batch", "decode_batch", "depth", "repeats", "input_sets")
+        for name in (*names, "openpi_batch", "openpi_long_batch", "openpi_long_prompt"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
 
@@ -92,5 +115,8 @@ QUICK = dict(
     case_seconds=0.2,
     input_sets=2,
     budget_s=120.0,
+    openpi_batch=2,
+    openpi_long_batch=2,
+    openpi_long_prompt=24,
     quick=True,
 )

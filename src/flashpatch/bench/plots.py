@@ -1,4 +1,10 @@
-"""PNG plots per scenario: one row per case, speedup over einsum vs size and peak memory vs size."""
+"""PNG plots per scenario: for each case, speedup over the einsum and peak memory against size.
+
+Made to be read without the JSON beside them: the title names the device, dtype and shapes; each
+axis says its unit; memory is in MiB or GiB, whichever reads better, on a linear axis unless it
+spans more than 20x; a variant that could not run is named under the panel with the reason; sizes
+where nothing ran get no tick.
+"""
 
 from __future__ import annotations
 
@@ -10,32 +16,92 @@ from flashpatch.bench.harness import EINSUM, size_label
 from flashpatch.bench.memory import GIB
 from flashpatch.bench.records import Record
 
+MIB = 2**20
+LOG_SPAN = 20.0  # a memory axis goes logarithmic only past this max / min ratio
 
-def write(records: Sequence[Record], out_dir: Path, memory_limit: int | None) -> list[str]:
+
+def write(records: Sequence[Record], out_dir: Path, meta: dict[str, Any] | None = None) -> list[str]:
     """One PNG per scenario; returns the file names written."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    meta = meta or {}
+    device = meta.get("device", {})
+    limit = device.get("memory_limit_bytes")
     names = []
     for scenario in dict.fromkeys(r.scenario for r in records):
         recs = [r for r in records if r.scenario == scenario]
+        if scenario == "openpi":
+            names.append(_openpi_bars(plt, [r for r in recs if r.case != "fit"], out_dir, meta))
+            continue
         cases = list(dict.fromkeys(r.case for r in recs))
         colors = {v: f"C{i}" for i, v in enumerate(dict.fromkeys(r.variant for r in recs))}
-        fig, axes = plt.subplots(len(cases), 2, figsize=(12, 4.2 * len(cases)), squeeze=False)
+        fig, axes = plt.subplots(len(cases), 2, figsize=(13, 4.8 * len(cases)), squeeze=False)
         for (ax_speed, ax_mem), case in zip(axes, cases, strict=True):
             rows = [r for r in recs if r.case == case]
-            _speedup_panel(ax_speed, rows, colors, f"{scenario}/{case}")
-            _memory_panel(ax_mem, rows, colors, f"{scenario}/{case}", memory_limit)
+            sizes = sorted({r.size for r in rows if r.status == "ok"})
+            _speedup_panel(ax_speed, rows, colors, case)
+            _memory_panel(ax_mem, rows, colors, case, limit)
             for ax in (ax_speed, ax_mem):
-                _size_axis(ax, sorted({r.size for r in rows}), size_label(scenario))
-        fig.tight_layout()
+                _size_axis(ax, sizes, size_label(scenario))
+            _not_run(ax_speed, rows)
+        fig.suptitle(_title(scenario, meta), fontsize=11)
+        fig.tight_layout(rect=(0, 0, 1, 0.97))
         name = f"{scenario}.png"
         fig.savefig(out_dir / name, dpi=110, bbox_inches="tight")
         plt.close(fig)
         names.append(name)
     return names
+
+
+def _openpi_bars(plt: Any, recs: Sequence[Record], out_dir: Path, meta: dict[str, Any]) -> str:
+    """openpi's workloads side by side: speedup over the einsum (the ceiling shows what is possible) and memory."""
+    cases = list(dict.fromkeys(r.case for r in recs))
+    variants = list(dict.fromkeys(r.variant for r in recs))
+    colors = {v: f"C{i}" for i, v in enumerate(variants)}
+    fig, (ax_speed, ax_mem) = plt.subplots(1, 2, figsize=(14, 5.2))
+    width = 0.8 / max(1, len(variants))
+    for i, variant in enumerate(variants):
+        mine = {r.case: r for r in recs if r.variant == variant}
+        xs = [j + (i - (len(variants) - 1) / 2) * width for j in range(len(cases))]
+        speed = [mine[c].speedup if c in mine and mine[c].speedup else (1.0 if variant == EINSUM and c in mine else 0) for c in cases]
+        peak = [mine[c].memory.get("peak", 0) / GIB if c in mine and mine[c].status == "ok" else 0 for c in cases]
+        bars = ax_speed.bar(xs, speed, width, color=colors[variant], label=variant)
+        for bar, value in zip(bars, speed, strict=True):
+            if value:
+                ax_speed.annotate(f"{value:.2f}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom", fontsize=6)
+        ax_mem.bar(xs, peak, width, color=colors[variant], label=variant)
+    for ax in (ax_speed, ax_mem):
+        ax.set_xticks(range(len(cases)), [c.replace("_", " ") for c in cases], fontsize=8, rotation=15)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=8, loc="best", framealpha=0.85)
+    ax_speed.axhline(1.0, color="gray", linewidth=1, linestyle="--")
+    ax_speed.set_ylabel("speedup over the einsum (x); 0 = did not run")
+    ax_speed.set_title("time (higher is better; 'ceiling' = attention for free)", fontsize=10)
+    ax_mem.set_ylabel("GiB (linear)")
+    ax_mem.set_title("peak memory XLA planned (lower is better)", fontsize=10)
+    _not_run(ax_speed, recs)
+    fig.suptitle(_title("openpi", meta), fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.savefig(out_dir / "openpi.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return "openpi.png"
+
+
+def _title(scenario: str, meta: dict[str, Any]) -> str:
+    device = meta.get("device", {})
+    o = meta.get("options", {})
+    where = f"{device.get('kind', '?')} ({device.get('platform', '?')})"
+    shapes = {
+        "core": f"attention core, {o.get('num_heads')} q / {o.get('num_kv_heads')} kv heads, head_dim "
+        f"{o.get('head_dim')}, batch {o.get('core_batch')}, bf16",
+        "gemma": f"pi0 Gemma ({o.get('prefix_expert')} + {o.get('action_expert')}, depth {o.get('depth')}), bf16",
+        "gemma_fast": f"pi0-FAST Gemma ({o.get('prefix_expert')}, depth {o.get('depth')}), bf16",
+        "openpi": "openpi's models, bf16 compute",
+    }.get(scenario, scenario)
+    return f"flashpatch vs openpi's einsum on {where}: {shapes}"
 
 
 def _by_variant(rows: Sequence[Record]) -> dict[str, list[Record]]:
@@ -45,44 +111,79 @@ def _by_variant(rows: Sequence[Record]) -> dict[str, list[Record]]:
     return out
 
 
-def _speedup_panel(ax: Any, rows: Sequence[Record], colors: dict[str, str], title: str) -> None:
-    ax.axhline(1.0, color=colors.get(EINSUM, "gray"), linewidth=1.5, linestyle="--", label=f"{EINSUM} (= 1)")
-    for variant, mine in _by_variant(rows).items():
-        points = [(r.size, r.speedup) for r in mine if r.speedup is not None]
-        if variant == EINSUM or not points:
-            continue
+def _speedup_panel(ax: Any, rows: Sequence[Record], colors: dict[str, str], case: str) -> None:
+    ax.axhline(1.0, color=colors.get(EINSUM, "gray"), linewidth=1.2, linestyle="--", label=f"{EINSUM} (= 1)")
+    drawn = [(v, [(r.size, r.speedup) for r in mine if r.speedup is not None]) for v, mine in _by_variant(rows).items()]
+    drawn = [(v, points) for v, points in drawn if v != EINSUM and points]
+    for i, (variant, points) in enumerate(drawn):
         ax.plot(*zip(*points, strict=True), "-o", color=colors[variant], label=variant)
+        # Labels alternate above and below their point, so that neighbouring lines do not overwrite each other.
+        offset = 7 + 9 * (i % 2)
         for x, y in points:
-            ax.annotate(f"{y:.2f}x", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+            ax.annotate(
+                f"{y:.2f}x",
+                (x, y),
+                textcoords="offset points",
+                xytext=(0, offset if i % 4 < 2 else -offset - 6),
+                ha="center",
+                fontsize=7,
+                color=colors[variant],
+            )
+    tops = [y for _, points in drawn for _, y in points]
+    ax.set_ylim(0, max([1.0, *tops]) * 1.25)
     _mark(ax, [r.size for r in rows if r.variant == EINSUM and r.status == "oom"], f"{EINSUM}\nOOM", "gray")
-    ax.set_title(f"{title}: speedup over {EINSUM} (higher is better)", fontsize=10)
+    ax.set_title(f"{case}: speedup over {EINSUM} (higher is better)", fontsize=10, pad=8)
     ax.set_ylabel("speedup (x)")
-    ax.set_ylim(bottom=0)
     _legend(ax)
 
 
-def _memory_panel(ax: Any, rows: Sequence[Record], colors: dict[str, str], title: str, limit: int | None) -> None:
+def _memory_panel(ax: Any, rows: Sequence[Record], colors: dict[str, str], case: str, limit: int | None) -> None:
     from matplotlib import ticker
 
-    for variant, mine in _by_variant(rows).items():
-        points = [(r.size, r.memory["peak"] / GIB) for r in mine if r.status == "ok" and "peak" in r.memory]
+    series = {
+        variant: [(r.size, r.memory["peak"]) for r in mine if r.status == "ok" and "peak" in r.memory]
+        for variant, mine in _by_variant(rows).items()
+    }
+    values = [b for points in series.values() for _, b in points]
+    unit, scale = ("GiB", GIB) if values and max(values) >= GIB else ("MiB", MIB)
+    for variant, points in series.items():
         if points:
-            ax.plot(*zip(*points, strict=True), "-o", color=colors[variant], label=variant)
+            ax.plot([x for x, _ in points], [b / scale for _, b in points], "-o", color=colors[variant], label=variant)
+    for variant, mine in _by_variant(rows).items():
         _mark(ax, [r.size for r in mine if r.status == "oom"], f"{variant}\nOOM", colors[variant])
-    if limit:
-        ax.axhline(limit / GIB, color="red", linewidth=1, linestyle=":", label="device memory for JAX")
-    ax.set_yscale("log")
-    # Majors at 1, 2, 5 x 10^k with plain labels: decades alone leave most panels (say 35-45 GiB) unlabelled.
-    ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
-    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
-    ax.set_title(f"{title}: peak memory, compiled (lower is better)", fontsize=10)
-    ax.set_ylabel("GiB (log scale)")
+    if limit and values and max(values) > 0.25 * limit:
+        ax.axhline(limit / scale, color="red", linewidth=1, linestyle=":", label="device memory for JAX")
+    positive = [b for b in values if b > 0]
+    if positive and max(positive) / min(positive) > LOG_SPAN:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_minor_locator(ticker.NullLocator())
+        scale_note = "log scale"
+    else:
+        ax.set_ylim(bottom=0, top=(max(values) / scale * 1.15) if values else 1)
+        ax.yaxis.set_major_locator(ticker.MaxNLocator(6))
+        scale_note = "linear"
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:.3g}"))
+    ax.set_title(f"{case}: peak memory XLA planned (lower is better)", fontsize=10, pad=8)
+    ax.set_ylabel(f"{unit} ({scale_note})")
     _legend(ax)
+
+
+def _not_run(ax: Any, rows: Sequence[Record]) -> None:
+    """Name, under the panel, each variant with no point and why (a missing line must not look like a loss)."""
+    missing = {}
+    for variant, mine in _by_variant(rows).items():
+        if variant != EINSUM and not any(r.speedup is not None for r in mine):
+            reasons = {(r.reason or r.status).split(";")[0][:90] for r in mine if r.status != "ok"} or {"no einsum baseline"}
+            missing[variant] = sorted(reasons)[0]
+    if missing:
+        text = "not drawn: " + "; ".join(f"{v} ({why})" for v, why in missing.items())
+        ax.annotate(text, (0, -0.2), xycoords="axes fraction", fontsize=7, va="top", wrap=True, color="dimgray")
 
 
 def _legend(ax: Any) -> None:
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8, loc="upper left")
+        ax.legend(fontsize=8, loc="best", framealpha=0.85)
 
 
 def _mark(ax: Any, sizes: Sequence[int], text: str, color: str) -> None:
@@ -95,8 +196,10 @@ def _mark(ax: Any, sizes: Sequence[int], text: str, color: str) -> None:
 
 
 def _size_axis(ax: Any, sizes: Sequence[int], label: str) -> None:
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sizes, [str(s) for s in sizes])
+    if len(sizes) > 1:
+        ax.set_xscale("log", base=2)
+    if sizes:
+        ax.set_xticks(sizes, [str(s) for s in sizes])
     ax.minorticks_off()
     ax.set_xlabel(label)
     ax.grid(True, alpha=0.3)

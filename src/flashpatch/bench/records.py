@@ -28,6 +28,11 @@ CONVENTIONS = {
     "of the measured executable(s) (largest over them)",
     "memory.sampled_mean/sampled_max": "device bytes_in_use polled every ~2 ms during the timed loop "
     "(GPU only; everything live in the process)",
+    "ceiling": "openpi mode: the same step with the attention core replaced by O(B*S*H) work that reads every "
+    "key and value of every row (flashpatch/bench/ceiling.py): what the step would cost if attention were free",
+    "ceiling_share": "(einsum ms - variant ms) / (einsum ms - ceiling ms): the share of the possible gain taken",
+    "grad_rel_err_vs_f32": "openpi mode: ||grads - float32 model's grads|| / ||float32 grads|| over all parameters "
+    "at step 0, same parameters and batch (the einsum's own bf16 error is the yardstick)",
 }
 
 
@@ -68,7 +73,24 @@ def _version(dist: str) -> str | None:
 
 def versions() -> dict[str, str | None]:
     """Versions of what the numbers depend on, read from package metadata (nothing imported)."""
-    names = ("jax", "jaxlib", "flax", "numpy", "kvax", "jax-cuda12-plugin", "jax-cuda12-pjrt", "flashpatch")
+    names = (
+        "flashpatch",
+        "jax",
+        "jaxlib",
+        "flax",
+        "numpy",
+        "optax",
+        "kvax",
+        "jax-triton",
+        "triton",
+        "tokamax",
+        "jax-cuda12-plugin",
+        "jax-cuda12-pjrt",
+        "jax-cuda13-plugin",
+        "jax-cuda13-pjrt",
+        "nvidia-cudnn-cu12",
+        "nvidia-cudnn-cu13",
+    )
     found = {name: _version(name) for name in names}
     found["python"] = platform.python_version()
     return {name: value for name, value in found.items() if value is not None}
@@ -86,18 +108,45 @@ def device_info() -> dict[str, Any]:
 
 
 def git_commit() -> str | None:
+    """The flashpatch commit measured: from the package's checkout, or the one pip installed it from."""
+    for where in _source_dirs():
+        try:
+            done = subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10, check=True
+            )
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if done.stdout.strip():
+            dirty = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"], cwd=where, capture_output=True, text=True
+            )
+            return done.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
+    return _installed_commit()
+
+
+def _source_dirs() -> list[Path]:
+    """Where flashpatch's source may sit in a git checkout: the package itself, or the folder pip built it from."""
+    dirs = [Path(__file__).resolve().parent]
+    url = _direct_url()
+    if url.get("url", "").startswith("file://"):
+        dirs.append(Path(url["url"][len("file://") :]))
+    return dirs
+
+
+def _direct_url() -> dict[str, Any]:
+    import json
+
     try:
-        done = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() or None
+        text = importlib.metadata.distribution("flashpatch").read_text("direct_url.json")
+    except importlib.metadata.PackageNotFoundError:
+        return {}
+    return json.loads(text) if text else {}
+
+
+def _installed_commit() -> str | None:
+    """A VCS install records its commit (pip install git+...); a plain one has none to record."""
+    commit = _direct_url().get("vcs_info", {}).get("commit_id")
+    return commit or None
 
 
 def run_metadata(command: str, options: dict[str, Any]) -> dict[str, Any]:

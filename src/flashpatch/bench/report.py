@@ -24,6 +24,23 @@ _METRIC_TITLES = {
     "decode_ms": "ms per decode run",
     "rel_diff_vs_einsum": "rel. diff vs einsum",
     "loss_rel_diff_vs_einsum": "loss rel. diff vs einsum",
+    "seq_len": "T",
+    "gflop_per_step": "GFLOP (XLA)",
+    "gflop_vs_einsum": "FLOPs vs einsum",
+    "loss_step0": "loss (step 0)",
+    "grad_rel_err_vs_f32": "grad rel. err vs float32",
+    "loss_rel_err_vs_f32": "loss rel. err vs float32",
+    "ceiling_share": "share of ceiling gain",
+    "tokens_same_as_einsum": "tokens = einsum's",
+}
+_OPENPI_TITLES = {
+    "pi0_train": "pi0 training step",
+    "pi05_train": "pi0.5 training step",
+    "pi0_long_train": "pi0 training step, long prompt",
+    "pi0_sample": "pi0 sample_actions (10 denoising steps)",
+    "pi05_sample": "pi0.5 sample_actions (10 denoising steps)",
+    "pi0_fast_sample": "pi0-FAST sample_actions (prefill + greedy decode with the KV cache)",
+    "fit": "pi0 training: largest prompt that trains",
 }
 
 
@@ -43,6 +60,8 @@ def case_title(scenario: str, case: str, options: dict[str, Any]) -> str:
         ("gemma_fast", "decode"): f"pi0-FAST Gemma ({o['prefix_expert']}, depth {o['depth']}): decode "
         f"{o['decode_steps']} tokens with the KV cache, batch {o['decode_batch']} (ms = per token)",
     }
+    if scenario == "openpi":
+        return f"openpi: {_OPENPI_TITLES.get(case, case)}"
     return titles.get((scenario, case), f"{scenario} / {case}")
 
 
@@ -55,7 +74,7 @@ def groups(records: Sequence[Record]) -> dict[tuple[str, str], list[Record]]:
 
 def fits(records: Sequence[Record]) -> list[dict[str, Any]]:
     """Per variant: the largest training T that ran, and what happened at the next one tried."""
-    train = [r for r in records if r.group == ("gemma", "train")]
+    train = [r for r in records if r.group in (("gemma", "train"), ("openpi", "fit"))]
     out = []
     for variant in dict.fromkeys(r.variant for r in train):
         rows = sorted((r for r in train if r.variant == variant), key=lambda r: r.size)
@@ -121,6 +140,31 @@ def summary(records: Sequence[Record], fit_rows: Sequence[dict[str, Any]]) -> st
     return "\n".join(lines)
 
 
+def openpi_table(records: Sequence[Record]) -> list[str]:
+    """The headline: per openpi workload, median ms of each variant, x einsum, and the ceiling share."""
+    rows = [r for r in records if r.scenario == "openpi" and r.case != "fit"]
+    if not rows:
+        return []
+    variants = list(dict.fromkeys(r.variant for r in rows))
+    lines = [
+        "| workload | batch | T | " + " | ".join(variants) + " |",
+        "|---|---|---|" + "---|" * len(variants),
+    ]
+    for case in dict.fromkeys(r.case for r in rows):
+        mine = {r.variant: r for r in rows if r.case == case}
+        seq = next((r.metrics.get("seq_len") for r in mine.values() if "seq_len" in r.metrics), None)
+        cells = []
+        for variant in variants:
+            rec = mine.get(variant)
+            cell = _cell(rec)
+            if rec is not None and rec.status == "ok" and "ceiling_share" in rec.metrics and variant != "ceiling":
+                cell += f", {rec.metrics['ceiling_share']:.0%} of the ceiling's gain"
+            cells.append(cell)
+        batch = next(iter(mine.values())).batch
+        lines.append(f"| {_OPENPI_TITLES.get(case, case)} | {batch} | {'-' if seq is None else int(seq)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(
     meta: dict[str, Any], records: Sequence[Record], fit_rows: Sequence[dict[str, Any]], images: Sequence[str]
 ) -> str:
@@ -131,10 +175,14 @@ def markdown(
         f"- date: {meta['date']}",
         f"- command: `{meta['command']}`",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
-        f"- git commit: {meta['git_commit'] or 'unknown'}",
+        f"- flashpatch commit: {meta['git_commit'] or 'not recorded (installed from a folder that is not a git checkout)'}",
     ]
     if device.get("memory_limit_bytes"):
         lines.append(f"- device memory available to JAX: {format_bytes(device['memory_limit_bytes'])}")
+    lines += [f"- note: {note}" for note in meta.get("notes", [])]
+    headline = openpi_table(records)
+    if headline:
+        lines += ["", "## openpi's models: median ms (x einsum)", ""] + headline
     lines += ["", "Conventions:", ""]
     lines += [f"- **{name}**: {text}" for name, text in meta["conventions"].items()]
     for (scenario, case), recs in groups(records).items():
@@ -164,7 +212,7 @@ def markdown(
         o = meta["options"]
         lines += [
             "",
-            f"## Largest T that fits: training step, batch {o['train_batch']}, depth {o['depth']}",
+            "## Largest size that trains (fixture Gemma: T, batch train_batch; openpi: prompt, batch openpi_long_batch)",
             "",
             "| variant | largest T that ran |",
             "|---|---|",

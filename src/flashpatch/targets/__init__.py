@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+from flashpatch import openpi_sites
 from flashpatch.targets.base import Adapter, Target
 from flashpatch.targets.gemma import GemmaAttention
 from flashpatch.targets.gemma_fast import GemmaFastAttention
@@ -48,5 +49,5 @@ def on_register(listener) -> None:
         _listeners.append(listener)
 
 
-register("openpi.models.gemma", "Attention", "gemma")
-register("openpi.models.gemma_fast", "Attention", "gemma_fast")
+for _module, _cls, _kind in openpi_sites.OPENPI:
+    register(_module, _cls, _kind)

@@ -27,9 +27,11 @@ from common import environment, log, median_ms, medians_in_rounds, openpi_mask, 
 
 import flashpatch
 from flashpatch import masks
-from flashpatch.backends import cudnn_split, kvax_compat, kvax_tuning
+from flashpatch.backends import cudnn_split
+from flashpatch.backends.kvax import compat as kvax_compat
+from flashpatch.backends.kvax import tuning as kvax_tuning
 from flashpatch.backends import kvax as kvax_backend
-from flashpatch.backends.kvax_tuning import Blocks, Tuning
+from flashpatch.backends.kvax.tuning import Blocks, Tuning
 from flashpatch.backends.reference import reference_attention
 from flashpatch.testing import layouts
 
@@ -75,15 +77,8 @@ def _as(name: str, impl):
     from flashpatch import backends
 
     def run(q, k, v, mask):
-        saved = backends._instances.get(name)
-        backends._instances[name] = impl
-        try:
+        with backends.override(name, impl):
             return flashpatch.attention(q, k, v, mask, settings=flashpatch.Settings(backend=name))
-        finally:
-            if saved is None:
-                backends._instances.pop(name)
-            else:
-                backends._instances[name] = saved
 
     return run
 

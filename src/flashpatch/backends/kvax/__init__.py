@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from flashpatch import masks, meshes
-from flashpatch.backends import kvax_compat, kvax_tuning
+from flashpatch.backends.kvax import compat as kvax_compat
+from flashpatch.backends.kvax import tuning as kvax_tuning
 from flashpatch.backends.base import Backend, Problem
 from flashpatch.masks import MaskPlan
 

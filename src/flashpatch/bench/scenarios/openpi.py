@@ -1,0 +1,346 @@
+"""openpi's own models, unpatched against flashpatch, with the attention-free step as the ceiling.
+
+Cases (each for every variant: the einsum, each backend asked for, `auto`, the ceiling):
+
+- `<model>_train`: one training step of openpi's `compute_loss(train=True)` (its image augmentation,
+  remat and scan included), loss and gradients of every parameter, AdamW with global-norm clipping as
+  openpi's default optimizer; float32 parameters, bf16 compute. pi0 and pi0.5 at their default prompt
+  lengths, and pi0 with a long prompt (`pi0_long`).
+- `<model>_sample`: `sample_actions` (pi0 / pi0.5: prefill + 10 denoising steps; pi0-FAST: prefill and
+  greedy decoding with the KV cache), bf16 parameters as openpi's policies load them.
+- `fit`: the largest prompt that trains at the long-prompt batch on this device, einsum against `auto`.
+
+Every batch is openpi's fake observation filled with random images, state and tokens, prompts padded
+to random lengths and the second camera missing in every third row, so that the masks have padding in
+the middle. Gradient agreement: step 0's loss and gradients against the same model and batch computed
+in float32 (openpi's `dtype="float32"`), for the einsum and for flashpatch alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flashpatch.bench import ceiling, openpi_models
+from flashpatch.bench.harness import EINSUM, Harness, Lazy, Variant, rel_err
+from flashpatch.bench.records import Record
+
+#: pi0-FAST tokens decoded per sample_actions call (openpi's default is 256, with an early stop at EOS).
+DECODE_STEPS = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    model: str  # pi0 | pi05 | pi0_fast
+    kind: str  # train | sample
+    batch: int
+    max_token_len: int | None = None  # None: the model's default
+
+
+def cases(options) -> list[Case]:
+    o = options
+    prompt = o.openpi_long_prompt
+    every = {
+        "pi0_train": Case("pi0_train", "pi0", "train", o.openpi_batch),
+        "pi05_train": Case("pi05_train", "pi05", "train", o.openpi_batch),
+        "pi0_long_train": Case("pi0_long_train", "pi0", "train", o.openpi_long_batch, prompt),
+        "pi0_sample": Case("pi0_sample", "pi0", "sample", 1),
+        "pi05_sample": Case("pi05_sample", "pi05", "sample", 1),
+        "pi0_fast_sample": Case("pi0_fast_sample", "pi0_fast", "sample", 1),
+    }
+    return [every[name] for name in o.openpi_cases if name in every]
+
+
+def _config(models: openpi_models.Models, case: Case, dtype: str, max_token_len: int | None = None):
+    length = max_token_len or case.max_token_len
+    extra = {} if length is None else {"max_token_len": length}
+    if case.model == "pi0_fast":
+        return models.pi0_fast(dtype=dtype, **extra)
+    return models.pi0(pi05=case.model == "pi05", dtype=dtype, **extra)
+
+
+def fill_batch(config, batch: int, seed: int):
+    """openpi's fake observation and actions with random content, padded prompts, a missing camera."""
+    rng = np.random.default_rng(seed)
+    obs = config.fake_obs(batch)
+    actions = config.fake_act(batch)
+    images = {k: jnp.asarray(rng.uniform(-1, 1, v.shape), v.dtype) for k, v in obs.images.items()}
+    masks = {k: jnp.ones(v.shape, jnp.bool_) for k, v in obs.image_masks.items()}
+    second = list(masks)[1]
+    masks[second] = jnp.asarray(np.arange(batch) % 3 != 2)  # missing in every third row
+    tokens = obs.tokenized_prompt.shape[1]
+    lengths = rng.integers(max(1, tokens // 4), tokens + 1, batch)
+    prompt_mask = np.arange(tokens)[None, :] < lengths[:, None]
+    prompt = np.where(prompt_mask, rng.integers(2, 1000, (batch, tokens)), 0)
+    fields = dict(
+        images=images,
+        image_masks=masks,
+        state=jnp.asarray(rng.normal(size=obs.state.shape), obs.state.dtype),
+        tokenized_prompt=jnp.asarray(prompt, obs.tokenized_prompt.dtype),
+        tokenized_prompt_mask=jnp.asarray(prompt_mask),
+    )
+    if getattr(obs, "token_ar_mask", None) is not None:
+        fields["token_ar_mask"] = jnp.zeros_like(obs.token_ar_mask)
+        fields["token_loss_mask"] = jnp.asarray(prompt_mask)
+    return obs.replace(**fields), jnp.asarray(rng.uniform(-1, 1, actions.shape), actions.dtype)
+
+
+def _optimizer():
+    """openpi's default training optimizer: AdamW (b2 0.95, weight decay 1e-10), global-norm clip 1.0."""
+    import optax
+
+    return optax.chain(
+        optax.clip_by_global_norm(1.0), optax.adamw(2.5e-5, b1=0.9, b2=0.95, eps=1e-8, weight_decay=1e-10)
+    )
+
+
+class Built:
+    """One model: graph, parameters (float32) and the rest of its state, built once per case."""
+
+    def __init__(self, config, seed: int):
+        import flashpatch
+        from flax import nnx
+
+        with flashpatch.disable():  # creating the model traces its init; no need for flashpatch there
+            model = config.create(jax.random.key(seed))
+        self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
+        self.params = _fill_zeros(params, seed)
+
+    def merged(self, params, graphdef=None):
+        from flax import nnx
+
+        return nnx.merge(graphdef or self.graphdef, params, self.rest)
+
+
+def _fill_zeros(params, seed: int, scale: float = 0.02):
+    """Zero-initialised parameters get small random values, as a trained checkpoint has.
+
+    openpi starts some weights at zero (pi0.5's adaRMS modulation, which gates the action expert's
+    attention and MLP to nothing; every RMSNorm scale). Left at zero, the actions would not depend on
+    attention at all and a comparison of outputs could not fail; the timings are unaffected either way.
+    """
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 17), len(leaves))
+    filled = [
+        scale * jax.random.normal(key, leaf.shape, leaf.dtype)
+        if jnp.issubdtype(leaf.dtype, jnp.floating) and not bool(jnp.any(leaf))
+        else leaf
+        for leaf, key in zip(leaves, keys, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, filled)
+
+
+def _train_fns(built: Built, obs, actions, seed: int):
+    optimizer = _optimizer()
+
+    def loss_fn(params, step, graphdef=None):
+        rng = jax.random.fold_in(jax.random.key(seed), step)
+        model = built.merged(params, graphdef)
+        return jnp.mean(model.compute_loss(rng, obs, actions, train=True))
+
+    def step(params, opt_state, step_index):
+        import optax
+
+        loss, grads = jax.value_and_grad(loss_fn)(params, step_index)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return optimizer, loss_fn, step
+
+
+def sequence_length(built: Built, obs, case: Case) -> int:
+    """Tokens per sequence that attention sees: the embedded prefix, plus pi0's suffix in training."""
+    embed = "embed_inputs" if case.model == "pi0_fast" else "embed_prefix"
+    prefix = jax.eval_shape(lambda p: getattr(built.merged(p), embed)(obs)[0], built.params).shape[1]
+    if case.model == "pi0_fast" or case.kind == "sample":
+        return prefix
+    horizon = built.merged(built.params).action_horizon
+    return prefix + horizon + (0 if case.model == "pi05" else 1)
+
+
+def _flops(compiled) -> float | None:
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:
+        return None
+    cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+    flops = cost.get("flops") if isinstance(cost, dict) else None
+    return float(flops) if flops else None
+
+
+def _train_body(harness: Harness, variant: Variant, case: Case, built: Lazy, data: Lazy, grads: Lazy):
+    o = harness.options
+
+    def body(rec: Record) -> None:
+        model, (obs, actions) = built.get(), data.get()
+        optimizer, loss_fn, step = _train_fns(model, obs, actions, o.seed)
+        params = jax.tree.map(jnp.copy, model.params)
+        opt_state = optimizer.init(params)
+        compiled = harness.compile(
+            rec, variant, step, params, opt_state, np.int32(0), context=variant.model_context(), donate=(0, 1)
+        )
+        flops = _flops(compiled)
+        if flops:
+            rec.metrics["gflop_per_step"] = flops / 1e9
+        state = [params, opt_state]
+        del params, opt_state
+        losses = []
+
+        def call(i: int):
+            state[0], state[1], loss = compiled(state[0], state[1], np.int32(i))
+            losses.append(loss)
+            return loss, state
+
+        rec.metrics["seq_len"] = sequence_length(model, obs, case)
+        result = harness.time(rec, "step", call, group_small_calls=False)
+        if not all(np.isfinite(float(x)) for x in losses):
+            raise FloatingPointError("training loss became NaN or inf")
+        rec.ms = result.median_ms
+        rec.metrics["loss_step0"] = float(losses[0])
+        rec.metrics["steps_per_s"] = 1e3 / result.median_ms
+        state.clear()
+        if o.openpi_grad_check and case.name != "fit" and variant.name != ceiling.NAME:
+            _grad_agreement(harness, rec, variant, model, loss_fn, grads)
+
+    return body
+
+
+def _grad_agreement(harness: Harness, rec: Record, variant: Variant, model: Built, loss_fn, grads: Lazy) -> None:
+    """Loss and gradients at step 0 against the float32 model, as rel. errors (global over all parameters)."""
+    ref_loss, ref_grads = grads.get()
+    with variant.model_context():
+        loss, got = jax.jit(jax.value_and_grad(loss_fn))(model.params, np.int32(0))
+    leaves = jax.tree.leaves(got)
+    if not all(bool(jnp.all(jnp.isfinite(g))) for g in leaves):
+        raise FloatingPointError("gradients have NaN or inf")
+    flat = jnp.concatenate([jnp.ravel(g.astype(jnp.float32)) for g in leaves])
+    rec.metrics["grad_rel_err_vs_f32"] = rel_err(flat, ref_grads)
+    rec.metrics["loss_rel_err_vs_f32"] = abs(float(loss) - ref_loss) / max(abs(ref_loss), 1e-30)
+
+
+def _float32_grads(models, case: Case, model: Built, data: Lazy, seed: int):
+    """Step 0's loss and flattened gradients of the same parameters and batch, computed in float32."""
+    import flashpatch
+    from flax import nnx
+
+    config32 = _config(models, case, "float32")
+    with flashpatch.disable():
+        reference = config32.create(jax.random.key(seed))
+    graphdef32, _, _ = nnx.split(reference, nnx.Param, ...)
+    obs, actions = data.get()
+    _, loss_fn, _ = _train_fns(model, obs, actions, seed)
+    with flashpatch.disable(), jax.default_matmul_precision("highest"):
+        loss, got = jax.jit(jax.value_and_grad(functools.partial(loss_fn, graphdef=graphdef32)))(
+            model.params, np.int32(0)
+        )
+    flat = jnp.concatenate([jnp.ravel(g.astype(jnp.float32)) for g in jax.tree.leaves(got)])
+    return float(loss), flat
+
+
+def _sample_body(harness: Harness, variant: Variant, case: Case, built: Lazy, data: Lazy):
+    def body(rec: Record) -> None:
+        model, (obs, _) = built.get(), data.get()
+        params = jax.tree.map(lambda p: p.astype(jnp.bfloat16) if jnp.issubdtype(p.dtype, jnp.floating) else p, model.params)
+
+        def sample(params, obs, rng):
+            policy = model.merged(params)
+            if case.model == "pi0_fast":
+                return policy.sample_actions(rng, obs, max_decoding_steps=DECODE_STEPS)
+            return policy.sample_actions(rng, obs, num_steps=10)
+
+        rngs = [jax.random.key(harness.options.seed + i) for i in range(harness.options.input_sets)]
+        compiled = harness.compile(rec, variant, sample, params, obs, rngs[0], context=variant.model_context())
+        rec.metrics["seq_len"] = sequence_length(model, obs, case)
+        result = harness.time(rec, "sample", lambda i: compiled(params, obs, rngs[i % len(rngs)]))
+        rec.ms = result.median_ms
+        out = compiled(params, obs, rngs[0])
+        if case.model == "pi0_fast":
+            harness.compare_tokens_to_einsum(rec, out)
+        else:
+            harness.compare_to_einsum(rec, "rel_diff_vs_einsum", out)
+
+    return body
+
+
+def run(harness: Harness) -> None:
+    o = harness.options
+    models = openpi_models.load(o.openpi_src)
+    harness.notes.append(f"openpi mode: {models.description}")
+    harness.notes.extend(models.notes)
+    harness.budget.begin("openpi")
+    with ceiling.registered():
+        variants = [*harness.variants, Variant(ceiling.NAME)]
+        for case in cases(o):
+            built = Lazy(functools.partial(Built, _config(models, case, "bfloat16"), o.seed))
+            data = Lazy(functools.partial(fill_batch, _config(models, case, "bfloat16"), case.batch, o.seed))
+            grads = Lazy(lambda case=case, built=built, data=data: _float32_grads(models, case, built.get(), data, o.seed))
+            for variant in variants:
+                if case.kind == "train":
+                    body = _train_body(harness, variant, case, built, data, grads)
+                else:
+                    body = _sample_body(harness, variant, case, built, data)
+                harness.run_case("openpi", case.name, variant, _prompt(models, case), case.batch, body)
+            built.drop()
+            data.drop()
+            grads.drop()
+        if o.openpi_fit_prompts:
+            fit(harness, models, [v for v in variants if v.name in (EINSUM, "auto")])
+    add_ceiling_shares(harness.records)
+
+
+def _prompt(models, case: Case) -> int:
+    """The case's prompt length (the size its records are keyed on)."""
+    return case.max_token_len or _config(models, case, "bfloat16").max_token_len
+
+
+def add_ceiling_shares(records: list[Record]) -> None:
+    """Per openpi case: each variant's share of the gain the attention-free step shows over the einsum."""
+    by_case: dict[tuple[str, int], dict[str, Record]] = {}
+    for rec in records:
+        if rec.scenario == "openpi" and rec.status == "ok" and rec.ms:
+            by_case.setdefault((rec.case, rec.size), {})[rec.variant] = rec
+    for found in by_case.values():
+        base, top = found.get(EINSUM), found.get(ceiling.NAME)
+        if base is None or top is None:
+            continue
+        for rec in found.values():
+            share = share_of_ceiling(base.ms, rec.ms, top.ms)
+            if share is not None and rec.variant != EINSUM:
+                rec.metrics["ceiling_share"] = share
+        flops, base_flops = top.metrics.get("gflop_per_step"), base.metrics.get("gflop_per_step")
+        if flops and base_flops:
+            top.metrics["gflop_vs_einsum"] = flops / base_flops
+            if flops < 0.5 * base_flops:
+                top.notes.append(
+                    f"the ceiling step does {flops / base_flops:.0%} of the einsum step's FLOPs: XLA may have "
+                    "removed work the real model needs, so this ceiling is not one attention could reach"
+                )
+
+
+def fit(harness: Harness, models, variants: list[Variant]) -> None:
+    """The largest prompt that trains pi0 at the long-prompt batch: two timed steps per rung, einsum vs auto."""
+    o = harness.options
+    for prompt in o.openpi_fit_prompts:
+        case = Case("fit", "pi0", "train", o.openpi_long_batch, prompt)
+        built = Lazy(functools.partial(Built, _config(models, case, "bfloat16"), o.seed))
+        data = Lazy(functools.partial(fill_batch, _config(models, case, "bfloat16"), case.batch, o.seed))
+        for variant in variants:
+            body = _train_body(harness, variant, case, built, data, Lazy(lambda: None))
+            harness.run_case("openpi", "fit", variant, prompt, case.batch, body)
+        built.drop()
+        data.drop()
+
+
+def share_of_ceiling(einsum_ms: float, variant_ms: float, ceiling_ms: float) -> float | None:
+    """How much of the gain an attention-free step would give this variant takes: 0 = none, 1 = all."""
+    possible = einsum_ms - ceiling_ms
+    if possible <= 0:
+        return None
+    return (einsum_ms - variant_ms) / possible
+
+
+__all__ = ["Case", "cases", "fill_batch", "run", "share_of_ceiling"]

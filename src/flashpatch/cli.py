@@ -1,0 +1,62 @@
+"""What flashpatch's command lines share: a parser whose usage errors are one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error prints one line (what was wrong, what is allowed) and exits 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def fail(prog: str, message: str) -> NoReturn:
+    """A usage error found after parsing: one line, exit 2."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}")
+    return value
+
+
+def one_of(allowed: Sequence[str] | Callable[[], Sequence[str]], what: str) -> Callable[[str], str]:
+    """An argparse type accepting one of `allowed` (or of what the callable returns at parse time)."""
+
+    def check(text: str) -> str:
+        choices = allowed() if callable(allowed) else allowed
+        value = text.strip()
+        if value not in choices:
+            raise argparse.ArgumentTypeError(f"must be one of {', '.join(choices)}; got {text!r}")
+        return value
+
+    check.__name__ = what
+    return check
+
+
+def names_from(allowed: Callable[[], Sequence[str]], what: str) -> Callable[[str], tuple[str, ...]]:
+    """An argparse type for a comma list, each item one of `allowed()`."""
+
+    def check(text: str) -> tuple[str, ...]:
+        names = tuple(part.strip() for part in text.split(",") if part.strip())
+        choices = allowed()
+        unknown = [n for n in names if n not in choices]
+        if not names or unknown:
+            got = ", ".join(unknown) if unknown else repr(text)
+            raise argparse.ArgumentTypeError(f"must be a comma list of {', '.join(choices)}; got {got}")
+        return names
+
+    check.__name__ = what
+    return check
