@@ -41,7 +41,7 @@ def _main():
         _warn(message, FlashpatchWarning)
 
         def still_off(module):
-            _warn(f"{module.__name__} imported, but {message}", FlashpatchWarning)
+            _warn(f"openpi imported, but {message}", FlashpatchWarning)  # once, whichever module comes first
 
         for name in openpi_sites.modules():
             wrapt.register_post_import_hook(still_off, name)

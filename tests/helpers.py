@@ -4,19 +4,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from flashpatch.backends.xla import XlaBackend
-
-
-def rel_err(out, ref, rows=None) -> float:
-    """||out - ref|| / ||ref|| in float32, over the rows selected by `rows` (broadcast) if given."""
-    out = jnp.asarray(out, jnp.float32)
-    ref = jnp.asarray(ref, jnp.float32)
-    if rows is not None:
-        out = jnp.where(rows, out, 0.0)
-        ref = jnp.where(rows, ref, 0.0)
-    return float(jnp.linalg.norm(out - ref) / jnp.maximum(jnp.linalg.norm(ref), 1e-30))
+from flashpatch.testing.conformance import TOL, assert_finite, rel_err  # noqa: F401 - the tests' shared checks
 
 
 def tree_rel_err(out, ref) -> float:
@@ -25,19 +15,8 @@ def tree_rel_err(out, ref) -> float:
     return max(errs) if errs else 0.0
 
 
-def assert_finite(tree, what: str = "value") -> None:
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        arr = np.asarray(jnp.asarray(leaf, jnp.float32))
-        assert np.isfinite(arr).all(), f"{what} has NaN/inf at {jax.tree_util.keystr(path)}"
-
-
 def normal(key, shape, dtype, scale: float = 1.0):
     return (jax.random.normal(key, shape, jnp.float32) * scale).astype(dtype)
-
-
-#: Tolerances on rel_err against the float32 reference: float32 inputs land near rounding; bf16
-#: inputs carry bf16 rounding of q, k, v and probabilities (openpi's own bf16 path is ~3e-3 off).
-TOL = {"float32": 2e-5, "bfloat16": 2e-2}
 
 
 #: XLA:CPU options that cut the compile time of the small test models about five-fold (legacy

@@ -18,6 +18,14 @@ import flashpatch
 
 PACKAGE_ROOT = pathlib.Path(flashpatch.__file__).resolve().parent.parent
 HEAVY = ("jax", "jaxlib", "flax", "numpy", "flashpatch")
+#: What the hook may import at start-up when FLASHPATCH is set: the settings and the registry, no JAX.
+LIGHT = (
+    "flashpatch",
+    "flashpatch.settings",
+    "flashpatch.backends",
+    "flashpatch.diagnostics",
+    "flashpatch.openpi_sites",
+)
 
 FAKE_OPENPI = {
     "openpi/__init__.py": "",
@@ -64,6 +72,9 @@ def run_python(code: str, path: pathlib.Path, **env: str) -> subprocess.Complete
     return done
 
 
+SOURCE_PTH = pathlib.Path(__file__).resolve().parents[1] / "src" / "flashpatch_autoload.pth"
+#: What site.py does with the .pth at start-up, for an interpreter where flashpatch is not pip-installed.
+PROCESS_PTH = f"import site; site.addpackage({str(SOURCE_PTH.parent)!r}, {SOURCE_PTH.name!r}, set())\n"
 LIST_HEAVY = f"import sys; print(' '.join(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))"
 
 
@@ -83,7 +94,8 @@ def test_explicitly_off_imports_nothing(tmp_path: pathlib.Path, value: str) -> N
 
 def test_on_without_openpi_imports_no_jax(fake_openpi: pathlib.Path) -> None:
     done = run_python("import _flashpatch_autoload, json; " + LIST_HEAVY, fake_openpi, FLASHPATCH="1")
-    assert done.stdout.split() == [], "the hook must wait for openpi before importing flashpatch or JAX"
+    heavy = [m for m in done.stdout.split() if m not in LIGHT]
+    assert heavy == [], f"the hook must wait for openpi before importing JAX or flashpatch's core; it imported {heavy}"
     assert done.stderr == ""
 
 
@@ -102,20 +114,32 @@ def test_importing_openpi_installs_process_wide(fake_openpi: pathlib.Path) -> No
     assert "Warning" not in done.stderr, done.stderr
 
 
-def test_bad_backend_warns_once_and_runs(fake_openpi: pathlib.Path) -> None:
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"FLASHPATCH": "banana"}, "environment variable FLASHPATCH must be one of"),
+        ({"FLASHPATCH": "1", "FLASHPATCH_BACKEND": "nonsense"}, "FLASHPATCH_BACKEND must be one of auto"),
+        ({"FLASHPATCH": "1", "FLASHPATCH_VERIFY": "maybe"}, "FLASHPATCH_VERIFY must be one of"),
+    ],
+)
+def test_a_typo_is_loud_at_start_and_again_when_openpi_comes(fake_openpi: pathlib.Path, env, named: str) -> None:
+    """A typo must not quietly cost a training run its speed-up: a FlashpatchWarning when the interpreter
+    starts (before openpi is imported), one more when openpi is imported, and flashpatch stays off."""
     code = (
+        "import sys\n"
         "import _flashpatch_autoload\n"
-        "import openpi.models.gemma, openpi.models.gemma_fast\n"  # two hooks fire, one warning
+        "print('started', flush=True); print('-- openpi --', file=sys.stderr, flush=True)\n"
+        "import openpi.models.gemma, openpi.models.gemma_fast\n"  # two modules, one more warning
         "import flashpatch\n"
         "print('installed', flashpatch.installed())\n"
     )
-    # PYTHONWARNINGS=always: Python's own once-per-location filter must not hide a second warning.
-    done = run_python(
-        code, fake_openpi, FLASHPATCH="1", FLASHPATCH_BACKEND="bogus", PYTHONWARNINGS="always::UserWarning"
-    )
-    assert _lines(done.stdout) == {"installed": "None"}
-    assert done.stderr.count("flashpatch could not switch on") == 1, done.stderr
-    assert "FLASHPATCH_BACKEND" in done.stderr and "'bogus'" in done.stderr, done.stderr
+    done = run_python(code, fake_openpi, PYTHONWARNINGS="always", **env)
+    assert "installed None" in done.stdout, done.stdout
+    at_start, _, at_import = done.stderr.partition("-- openpi --")
+    for part, when in ((at_start, "at start"), (at_import, "at openpi's import")):
+        assert part.count("FlashpatchWarning: ") == 1, f"{when}: {part}"
+        assert named in part and "flashpatch is OFF" in part, f"{when}: {part}"
+    assert "Traceback" not in done.stderr
 
 
 def _installed_pth() -> pathlib.Path | None:
@@ -130,7 +154,7 @@ def test_pth_file_switches_on_a_plain_interpreter(fake_openpi: pathlib.Path) -> 
     pth = _installed_pth()
     if pth is None:
         pytest.skip("flashpatch_autoload.pth is not in site-packages (flashpatch is not pip-installed here)")
-    assert pth.read_text().strip() == "import _flashpatch_autoload"
+    assert pth.read_text() == SOURCE_PTH.read_text(), "the installed .pth is not the one in src/"
     done = run_python(REPORT_PATCHED, fake_openpi, FLASHPATCH="1", FLASHPATCH_BACKEND="reference")
     report = _lines(done.stdout)
     assert report["installed"] == "Settings(backend='reference', verify=False)"
@@ -138,3 +162,22 @@ def test_pth_file_switches_on_a_plain_interpreter(fake_openpi: pathlib.Path) -> 
 
     done = run_python(REPORT_PATCHED, fake_openpi)
     assert _lines(done.stdout)["installed"] == "None", "FLASHPATCH unset, yet the .pth switched flashpatch on"
+
+
+def test_the_pth_line_imports_nothing_of_ours_while_off(tmp_path: pathlib.Path) -> None:
+    done = run_python(PROCESS_PTH + "import sys; print(sorted(m for m in sys.modules if 'flashpatch' in m))", tmp_path)
+    assert done.stdout.strip() == "[]", done.stdout
+
+
+@pytest.mark.parametrize("flag", ["", "1"])
+def test_pytest_runs_clean_beside_the_hook(tmp_path: pathlib.Path, flag: str) -> None:
+    """Another project's pytest run in a venv with flashpatch (its .pth processed at start-up, the pytest
+    plugin registered) must not warn, not even under `-W error`, with FLASHPATCH unset or set."""
+    test_file = tmp_path / "test_other_project.py"
+    test_file.write_text("def test_nothing():\n    assert 1 + 1 == 2\n")
+    code = PROCESS_PTH + (
+        "import sys, pytest\n"
+        f"sys.exit(pytest.main([{str(test_file)!r}, '-q', '-W', 'error', '-p', 'no:cacheprovider']))\n"
+    )
+    done = run_python(code, tmp_path, **({"FLASHPATCH": flag} if flag else {}))
+    assert "1 passed" in done.stdout and "Warning" not in done.stdout + done.stderr, done.stdout + done.stderr

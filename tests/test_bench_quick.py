@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax.numpy as jnp
 import pytest
 
 from flashpatch.bench import cli, memory, timing
@@ -90,7 +91,7 @@ def test_quick_run_writes_json_markdown_and_plots(tmp_path):
     assert "== summary" in done.stdout
 
     text = (tmp_path / "results.md").read_text()
-    for heading in ("## Attention core, forward", "training step", "inference", "decode", "Largest T that fits"):
+    for heading in ("## Attention core, forward", "training step", "inference", "decode", "Largest size that trains"):
         assert heading in text
     if importlib.util.find_spec("matplotlib") is None:
         assert "no plots" in done.stdout
@@ -180,8 +181,71 @@ def test_measure_waits_for_results_and_groups_tiny_calls():
     assert calls == list(range(len(calls)))  # every call gets a fresh index (rotating inputs)
 
 
-def test_cli_rejects_bad_sizes():
-    with pytest.raises(ValueError, match="cache_sizes"):
+def test_cli_rejects_bad_sizes(capsys):
+    with pytest.raises(SystemExit) as exit_:
         cli.parse(["--quick", "--cache-sizes", "8"])
-    with pytest.raises(SystemExit):
+    assert exit_.value.code == 2 and "cache_sizes must exceed" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
         cli.parse(["--core-sizes", "a,b"])
+    assert exit_.value.code == 2 and "--core-sizes" in capsys.readouterr().err
+
+
+OPENPI_CASES = ("pi0_train", "pi0_sample", "pi0_fast_sample", "pi0_fit")
+
+
+@pytest.mark.slow
+def test_openpi_mode_runs_the_fixture_models(tmp_path):
+    """The openpi mode on the openpi-compatible fixtures at a dummy size (CI has no openpi): every case and
+    variant runs, the ceiling is a real ceiling, the agreement numbers are there, and the report has its table."""
+    document = _openpi_run(tmp_path)
+    assert any("fixtures" in note for note in document["meta"]["notes"]), document["meta"]["notes"]
+    records = document["records"]
+    cases = {(r["case"], r["variant"]) for r in records}
+    for case in OPENPI_CASES[:-1]:
+        for variant in ("einsum", "xla", "auto", "ceiling"):
+            assert (case, variant) in cases, (case, variant)
+    assert {r["size"] for r in records if r["case"] == "fit"} == set(QUICK["openpi_fit_prompts"])
+    for r in records:
+        where = f"{r['case']} {r['variant']}"
+        assert r["status"] == "ok", f"{where}: {r['status']} {r['reason']}"
+        assert r["ms"] > 0 and r["metrics"]["seq_len"] > 0, where
+        if r["variant"] not in ("einsum", "ceiling") and r["case"] != "fit":
+            assert "ceiling_share" in r["metrics"], where
+    train = {r["variant"]: r for r in records if r["case"] == "pi0_train"}
+    assert train["ceiling"]["metrics"]["gflop_vs_einsum"] > 0.5, "the ceiling dropped work the model needs"
+    for variant in ("einsum", "xla"):
+        assert train[variant]["metrics"]["grad_rel_err_vs_f32"] < 0.1, train[variant]["metrics"]
+    assert "grad_rel_err_vs_f32" not in train["ceiling"]["metrics"]
+    sample = {r["variant"]: r for r in records if r["case"] == "pi0_sample"}
+    assert sample["xla"]["metrics"]["rel_diff_vs_einsum"] < MODEL_TOL
+    assert sample["ceiling"]["metrics"]["rel_diff_vs_einsum"] > 0.2, "actions must depend on attention"
+    fast = {r["variant"]: r for r in records if r["case"] == "pi0_fast_sample"}
+    assert fast["xla"]["metrics"]["tokens_same_as_einsum"] == 1.0
+    text = (tmp_path / "results.md").read_text()
+    assert "## openpi's models: median ms (x einsum)" in text and "of the ceiling's gain" in text
+
+
+def _openpi_run(tmp_path, *extra: str) -> dict:
+    argv = ["--quick", "--scenarios", "openpi", "--backends", "xla,auto", "--budget-s", "900"]
+    argv += ["--openpi-cases", ",".join(OPENPI_CASES), "--out", str(tmp_path), *extra]
+    assert cli.main(argv, stream=io.StringIO()) == 0
+    return json.loads((tmp_path / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_openpi_mode_shows_a_broken_backend(tmp_path, use_backend):
+    """A backend that attends a wrong key set must show in the numbers the openpi mode reports."""
+    from flashpatch.backends import xla
+
+    class DropsHalfTheKeys(xla.XlaBackend):
+        def attend(self, q, k, v, mask, plan, problem):
+            half = jnp.arange(mask.shape[-1]) < mask.shape[-1] // 2
+            return super().attend(q, k, v, mask & half, plan, problem)
+
+    use_backend("xla", DropsHalfTheKeys())
+    argv = ["--quick", "--scenarios", "openpi", "--backends", "xla", "--no-openpi-grad-check"]
+    argv += ["--openpi-cases", "pi0_sample", "--out", str(tmp_path)]
+    assert cli.main(argv, stream=io.StringIO()) == 0
+    records = json.loads((tmp_path / "results.json").read_text())["records"]
+    broken = next(r for r in records if r["variant"] == "xla")
+    assert broken["metrics"]["rel_diff_vs_einsum"] > MODEL_TOL, broken["metrics"]

@@ -12,9 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cases import CASES, Case
 from helpers import TOL, assert_finite, rel_err
-from test_backend_conformance import _reference, check
 
 import flashpatch
 from flashpatch import backends
@@ -22,6 +20,7 @@ from flashpatch.backends import cudnn
 from flashpatch.backends.base import Backend, Problem
 from flashpatch.diagnostics import FlashpatchWarning
 from flashpatch.testing import layouts
+from flashpatch.testing.conformance import CASES, Case, check, float32_reference
 
 
 def _problem(**changes) -> Problem:
@@ -312,8 +311,8 @@ def test_cudnn_float32_query_over_bf16_cache() -> None:
         warnings.simplefilter("error", FlashpatchWarning)
         out = run(q, k, v)
         grads = jax.jit(jax.grad(loss(run), argnums=(0, 1, 2)))(q, k, v)
-    ref = _reference(q, k, v, mask, jnp.float32)
-    want = jax.grad(loss(lambda q, k, v: _reference(q, k, v, mask, jnp.float32)), argnums=(0, 1, 2))(q, k, v)
+    ref = float32_reference(q, k, v, mask)
+    want = jax.grad(loss(lambda q, k, v: float32_reference(q, k, v, mask)), argnums=(0, 1, 2))(q, k, v)
     assert out.dtype == jnp.float32
     assert_finite((out, grads))
     assert rel_err(out, ref) < TOL["bfloat16"]
@@ -327,4 +326,4 @@ def test_single_key_falls_back_with_a_warning() -> None:
     q, k, v, mask = case.arrays(jnp.bfloat16)
     with pytest.warns(FlashpatchWarning, match="kv length 1"):
         out = flashpatch.attention(q, k, v, mask, settings=flashpatch.Settings(backend="cudnn"))
-    assert rel_err(out, _reference(q, k, v, mask, jnp.bfloat16)) < TOL["bfloat16"]
+    assert rel_err(out, float32_reference(q, k, v, mask)) < TOL["bfloat16"]

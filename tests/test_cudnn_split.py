@@ -14,14 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cases import CASES
-from test_backend_conformance import check
 
 from flashpatch import backends, masks
 from flashpatch.backends import cudnn_split
 from flashpatch.backends.base import Backend
 from flashpatch.diagnostics import FlashpatchWarning
 from flashpatch.testing import layouts
+from flashpatch.testing.conformance import CASES, check
 
 
 class _SplitOnXla(cudnn_split.CudnnSplitBackend):

@@ -1,4 +1,5 @@
-"""`python -m flashpatch doctor` runs and says what it should."""
+"""The command lines: `python -m flashpatch doctor|bench` say what they should, and a usage error is one
+line naming the argument and what is allowed, exit 2, never a traceback; --help exits 0."""
 
 from __future__ import annotations
 
@@ -7,15 +8,18 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 import flashpatch
 
 SRC = pathlib.Path(flashpatch.__file__).resolve().parents[1]
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(SRC), JAX_PLATFORMS="cpu")
+def _run(*args: str, module: str = "flashpatch", **env: str) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("FLASHPATCH")}
+    environ.update(PYTHONPATH=str(SRC), JAX_PLATFORMS="cpu", **env)
     return subprocess.run(
-        [sys.executable, "-m", "flashpatch", *args], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", module, *args], env=environ, capture_output=True, text=True, timeout=120
     )
 
 
@@ -33,6 +37,45 @@ def test_doctor_for_a_long_sequence_picks_the_blockwise_path_on_cpu() -> None:
     assert done.returncode == 0 and "auto picks: xla" in done.stdout, done.stdout + done.stderr
 
 
-def test_bad_invocation_is_a_usage_error() -> None:
-    done = _run()
-    assert done.returncode == 2 and "usage: python -m flashpatch doctor" in done.stderr
+def test_help_exits_zero() -> None:
+    for args, module in [
+        (("--help",), "flashpatch"),
+        (("doctor", "--help"), "flashpatch"),
+        (("--help",), "flashpatch.bench"),
+    ]:
+        done = _run(*args, module=module)
+        assert done.returncode == 0 and "usage" in done.stdout.lower(), (args, done.stdout, done.stderr)
+
+
+@pytest.mark.parametrize(
+    ("args", "module", "named"),
+    [
+        ((), "flashpatch", "usage: python -m flashpatch COMMAND"),
+        (("nonsense",), "flashpatch", "unknown command 'nonsense'"),
+        (("doctor", "--dtype", "banana"), "flashpatch", "--dtype: must be one of bfloat16, float16, float32"),
+        (("doctor", "--backend", "nonsense"), "flashpatch", "--backend: must be one of auto, reference"),
+        (("doctor", "--batch", "0"), "flashpatch", "--batch: expected a positive integer"),
+        (("doctor", "--heads", "8", "--kv-heads", "3"), "flashpatch", "--heads (8) must be a multiple of --kv-heads"),
+        (("--scenarios", "nonsense"), "flashpatch.bench", "--scenarios: must be a comma list of core, gemma"),
+        (("--backends", "nonsense"), "flashpatch.bench", "--backends: must be a comma list of xla"),
+        (("--render", "/missing"), "flashpatch.bench", "--render needs a directory with a results.json"),
+        (("--core-sizes", "8,x"), "flashpatch.bench", "--core-sizes: expected comma-separated positive integers"),
+        (("--openpi-src", "/missing"), "flashpatch.bench", "--openpi-src must be openpi's src/ folder"),
+        (("--core-sizes", "16"), "flashpatch.bench", "core_sizes must be at least"),
+    ],
+)
+def test_usage_errors_are_one_line(args: tuple[str, ...], module: str, named: str) -> None:
+    done = _run(*args, module=module)
+    assert done.returncode == 2, (args, done.returncode, done.stderr)
+    assert named in done.stdout + done.stderr, (args, done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr, done.stderr
+    if args:
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_doctor_reports_a_bad_environment_instead_of_failing() -> None:
+    """doctor is where a user goes when FLASHPATCH_BACKEND is wrong: it must say so, not crash."""
+    done = _run("doctor", "--q-len", "64", "--kv-len", "64", FLASHPATCH="1", FLASHPATCH_BACKEND="nonsense")
+    assert done.returncode == 0, done.stderr
+    assert "environment: INVALID" in done.stdout and "'nonsense'" in done.stdout, done.stdout
+    assert "Traceback" not in done.stderr, done.stderr

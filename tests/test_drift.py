@@ -24,7 +24,7 @@ import pytest
 from helpers import CountingXla, fast_jit
 
 import flashpatch
-from flashpatch import backends, interception
+from flashpatch import interception
 from flashpatch.testing import gemma, gemma_fast, layouts
 
 EXPERT = gemma.get_config("tiny")
@@ -139,7 +139,7 @@ def test_the_unchanged_fixture_is_patched(use_backend, kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_changed_call_signature_is_not_patched(tmp_path, use_backend, kind: str) -> None:
+def test_a_changed_call_signature_is_not_patched(tmp_path, monkeypatch, use_backend, kind: str) -> None:
     module = _fork(tmp_path, monkeypatch, kind, SIGNATURE_CHANGE[kind])
     outcome = _run(use_backend, module, kind)
     assert len(outcome.warnings) == 1, outcome.warnings
@@ -149,7 +149,7 @@ def test_a_changed_call_signature_is_not_patched(tmp_path, use_backend, kind: st
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_different_parameter_layout_runs_the_original(tmp_path, use_backend, kind: str) -> None:
+def test_a_different_parameter_layout_runs_the_original(tmp_path, monkeypatch, use_backend, kind: str) -> None:
     """A fork with the right signature whose parameters differ (renamed, or one more) is caught by
     the abstract layout check: checkpoints of the fork must keep loading."""
     replacements, parameter = LAYOUT_CHANGE[kind]
@@ -164,7 +164,7 @@ def test_a_different_parameter_layout_runs_the_original(tmp_path, use_backend, k
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_module_without_the_rope_helper_is_not_patched(tmp_path, use_backend, kind: str) -> None:
+def test_a_module_without_the_rope_helper_is_not_patched(tmp_path, monkeypatch, use_backend, kind: str) -> None:
     module = _fork(tmp_path, monkeypatch, kind, HELPER_CHANGE)
     outcome = _run(use_backend, module, kind, register_inside=True)
     assert len(outcome.warnings) == 1, outcome.warnings

@@ -8,16 +8,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cases import CASES
 from helpers import rel_err
 
 import flashpatch
 from flashpatch import masks
 from flashpatch.backends import kvax as kvax_backend
+from flashpatch.backends.base import Problem
 from flashpatch.backends.kvax import compat as kvax_compat
 from flashpatch.backends.kvax import tuning as kvax_tuning
-from flashpatch.backends.base import Problem
 from flashpatch.backends.reference import reference_attention
+from flashpatch.testing.conformance import CASES
 
 
 def _causal_by_positions(q, k, v, q_pos, k_pos, tuning):

@@ -35,7 +35,7 @@ from flax.nnx import bridge as nnx_bridge
 from helpers import TOL, CountingXla, assert_finite, fast_jit, rel_err
 
 import flashpatch
-from flashpatch import backends, verify
+from flashpatch import core, verify
 from flashpatch.backends.xla import XlaBackend
 from flashpatch.testing import gemma, gemma_fast, layouts
 from flashpatch.testing.lora import LoRAConfig

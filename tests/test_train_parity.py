@@ -1,6 +1,6 @@
 """End-to-end training parity on CPU: 30 steps of the pi0-style model, xla backend vs unpatched.
 
-Same parameters, batches and flow-matching noise for both runs (flashpatch.testing.parity), float32, so
+Same parameters, batches and flow-matching noise for both runs (benchmarks/parity/parity.py), float32, so
 the loss sequences may differ only by the rounding of a different (blockwise) attention order. A broken
 attention must break the check, and the task must be learnable (the loss goes down). The harness's
 float32-einsum run (the reference for bf16 rounding on the GPU) is checked here too.
@@ -15,11 +15,12 @@ import pathlib
 import sys
 
 import numpy as np
+import parity
+import pi0_task as pi0
 import pytest
 
 from flashpatch import backends
 from flashpatch.backends.xla import XlaBackend
-from flashpatch.testing import parity, pi0
 
 LAYOUT = pi0.Layout(cameras=(16, 16, 16), prompt=8, horizon=10, action_dim=8)  # T = 67, padding mid-sequence
 CONFIG = parity.TrainConfig(
@@ -79,7 +80,7 @@ def test_compare_treats_nan_as_an_infinite_gap() -> None:
 
 
 def _example(name: str):
-    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "parity" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

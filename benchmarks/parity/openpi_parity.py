@@ -1,5 +1,7 @@
 """train_parity.py --openpi: a few AdamW steps of real openpi's Pi0 on fake data, unpatched and patched.
 
+    python benchmarks/parity/openpi_parity.py [train_parity.py's options]   # = train_parity.py --openpi ...
+
 Needs openpi importable (it is not on PyPI: clone github.com/Physical-Intelligence/openpi and install it,
 or put its src/ on PYTHONPATH in an environment with its dependencies). Without it, this mode says so
 and exits 0. openpi's model is an NNX module; flashpatch reroutes the `openpi.models.gemma.Attention`
@@ -21,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import parity
 
 import flashpatch
-from flashpatch.testing import parity
 
 
 def main(args: argparse.Namespace) -> int:
@@ -115,3 +117,11 @@ def fake_batch(config, batch: int, seed: int):
         tokenized_prompt_mask=jnp.asarray(prompt_mask),
     )
     return obs, jnp.asarray(rng.uniform(-1, 1, actions.shape), actions.dtype)
+
+
+if __name__ == "__main__":
+    import sys
+
+    import train_parity
+
+    sys.exit(train_parity.main(["--openpi", *sys.argv[1:]]))

@@ -16,16 +16,16 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pi0_task as pi0
 
 import flashpatch
-from flashpatch import backends, core, diagnostics
-from flashpatch.testing import pi0
+from flashpatch import backends, diagnostics
+from flashpatch.backends.reference import ReferenceBackend, reference_attention
 
 UNPATCHED = "unpatched"
 #: A run, not a backend: openpi's einsum on float32 copies of q, k, v with float32 probabilities, cast back to
@@ -107,17 +107,19 @@ def activation(backend: str | None) -> contextlib.AbstractContextManager:
     return flashpatch.enable(backend)
 
 
+class _Float32Reference(ReferenceBackend):
+    """openpi's einsum on float32 copies of q, k, v with float32 probabilities, cast back to the activation dtype."""
+
+    def attend(self, q, k, v, mask, plan, problem):
+        out = reference_attention(*(x.astype(jnp.float32) for x in (q, k, v)), mask, jnp.float32)
+        return out.astype(problem.out_dtype)
+
+
 @contextlib.contextmanager
 def _float32_attention() -> Iterator[None]:
     """flashpatch's `reference` path with the einsum in float32, while the block lasts (for the whole process:
     a training harness's switch, traced and compiled inside the block)."""
-    einsum = core.reference_attention
-
-    def in_float32(q, k, v, mask, probs_dtype):
-        out = einsum(*(x.astype(jnp.float32) for x in (q, k, v)), mask, jnp.float32)
-        return out.astype(jnp.result_type(probs_dtype, v.dtype))
-
-    with flashpatch.enable("reference"), mock.patch.object(core, "reference_attention", in_float32):
+    with flashpatch.enable("reference"), backends.override("reference", _Float32Reference()):
         yield
 
 

@@ -1,10 +1,10 @@
 """Turn the results_T<T>.json files of train_parity.py into PNGs of overlaid curves and a markdown summary.
 
 train_parity.py calls `render` at its end; to redo it elsewhere (say, where matplotlib is installed):
-    python examples/parity_report.py OUT_DIR
+    python benchmarks/parity/parity_report.py OUT_DIR
 Several directories (say, the same command run in separate processes) are read together, and the summary
 then also says how far the same run lands from itself between processes:
-    python examples/parity_report.py DIR_A DIR_B ... --out REPORT_DIR
+    python benchmarks/parity/parity_report.py DIR_A DIR_B ... --out REPORT_DIR
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def render(out: pathlib.Path, sources: list[pathlib.Path] | None = None) -> list
             plot_reruns(records, out / "training-parity-reruns.png")
             written.append(out / "training-parity-reruns.png")
     except ImportError as err:
-        print(f"no PNG ({err}); the JSON is kept: run `python examples/parity_report.py {out}` where matplotlib is")
+        print(f"no PNG ({err}); the JSON is kept: run `python benchmarks/parity/parity_report.py {out}` where matplotlib is")
     return written
 
 

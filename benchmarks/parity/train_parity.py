@@ -1,17 +1,17 @@
 """End-to-end training parity: a pi0-style model trained with and without flashpatch.
 
-Trains the same model (flashpatch.testing.pi0: our openpi-compatible two-expert Gemma with pi0's
+Trains the same model (benchmarks/parity/pi0_task.py: our openpi-compatible two-expert Gemma with pi0's
 masks, positions and flow-matching loss) on a synthetic, learnable task, from the same parameters with
 the same batches and noise in the same order: once unpatched (flashpatch off) and once per backend.
 Writes, under --out: results_T<T>.json per sequence length, training-parity.png (curves overlaid, every
 T found in --out) and summary.md (final losses, gaps, step times, memory).
 
-    python examples/train_parity.py --steps 2000 --seq-lens 867,2048 --out parity-out     # GPU
-    python examples/train_parity.py --steps 30 --width 32 --depth 2 --seq-len 67 --dtype float32 \
+    python benchmarks/parity/train_parity.py --steps 2000 --seq-lens 867,2048 --out parity-out     # GPU
+    python benchmarks/parity/train_parity.py --steps 30 --width 32 --depth 2 --seq-len 67 --dtype float32 \
         --horizon 10 --action-dim 8 --prompt 8 --batch 4 --out /tmp/parity                  # CPU smoke
-    python examples/train_parity.py --openpi --out parity-openpi                            # real openpi
-    python examples/train_parity.py --seq-len 2048 --seeds 0,1,2 --backends cudnn_split --out p2048  # over seeds
-    python examples/train_parity.py --seq-len 2048 --backends cudnn_split --float32-run --out p32  # + float32 einsum
+    python benchmarks/parity/train_parity.py --openpi --out parity-openpi                            # real openpi
+    python benchmarks/parity/train_parity.py --seq-len 2048 --seeds 0,1,2 --backends cudnn_split --out p2048  # over seeds
+    python benchmarks/parity/train_parity.py --seq-len 2048 --backends cudnn_split --float32-run --out p32  # + float32 einsum
 
 Several commands may write into the same --out (one per T, say): the PNG and summary cover them all.
 """
@@ -27,10 +27,12 @@ import sys
 import time
 
 import jax
+import parity
 import parity_report  # a sibling file: python puts the script's directory on sys.path
+import pi0_task as pi0
 
 import flashpatch
-from flashpatch.testing import parity, pi0, register
+from flashpatch.testing import register
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -43,6 +43,8 @@ _LAZY: dict[str, tuple[str, str | None]] = {
 }
 _SUBMODULES = (
     "backends",
+    "bench",
+    "cli",
     "core",
     "diagnostics",
     "doctor",
@@ -51,11 +53,13 @@ _SUBMODULES = (
     "jit_cache",
     "masks",
     "meshes",
+    "openpi_sites",
     "selection",
     "settings",
     "targets",
     "testing",
     "toggles",
+    "verify",
     "versions",
 )
 

@@ -26,7 +26,8 @@ def main(argv: list[str]) -> int:
         from flashpatch.bench.cli import main as bench
 
         return bench(rest)
-    print(f"python -m flashpatch: error: unknown command {command!r}; the commands are doctor and bench", file=sys.stderr)
+    message = f"unknown command {command!r}; the commands are doctor and bench"
+    print(f"python -m flashpatch: error: {message}", file=sys.stderr)
     return 2
 
 

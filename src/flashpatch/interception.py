@@ -160,5 +160,3 @@ def _shape_only_core(q, k, v, attn_mask, *, probs_dtype):
     core.check_inputs(q, k, v, attn_mask)
     problem = Problem.of(q, k, v, probs_dtype or q.dtype, "cpu")
     return core.original(q, k, v, attn_mask[:, 0], problem)
-
-

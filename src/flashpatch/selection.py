@@ -107,7 +107,9 @@ def _auto(problem: Problem) -> Choice:
 
 def choose(asked: str, problem: Problem) -> Choice:
     """Resolve `asked` ('auto' or a backend name) for `problem`, falling back where it cannot run."""
-    if asked == "auto":
+    if problem.kv_len == 0:
+        choice = Choice("reference", "no keys at all (S = 0): openpi's einsum, which gives zeros, is the answer")
+    elif asked == "auto":
         choice = _auto(problem)
     else:
         reason = backends.get(asked).unsupported(problem)

@@ -108,5 +108,7 @@ def from_env(environ: Mapping[str, str] | None = None) -> Settings | None:
     backend = env.get("FLASHPATCH_BACKEND", "auto").strip().lower() or "auto"
     allowed = backends.choices()
     if backend not in allowed:
-        raise ValueError(f"environment variable FLASHPATCH_BACKEND must be one of {', '.join(allowed)}; got {backend!r}")
+        raise ValueError(
+            f"environment variable FLASHPATCH_BACKEND must be one of {', '.join(allowed)}; got {backend!r}"
+        )
     return Settings(backend=backend, verify=parse_flag("FLASHPATCH_VERIFY", env.get("FLASHPATCH_VERIFY", "")))

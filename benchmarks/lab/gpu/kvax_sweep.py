@@ -28,9 +28,9 @@ from common import environment, log, median_ms, medians_in_rounds, openpi_mask, 
 import flashpatch
 from flashpatch import masks
 from flashpatch.backends import cudnn_split
+from flashpatch.backends import kvax as kvax_backend
 from flashpatch.backends.kvax import compat as kvax_compat
 from flashpatch.backends.kvax import tuning as kvax_tuning
-from flashpatch.backends import kvax as kvax_backend
 from flashpatch.backends.kvax.tuning import Blocks, Tuning
 from flashpatch.backends.reference import reference_attention
 from flashpatch.testing import layouts

@@ -16,14 +16,16 @@ import contextlib
 import importlib
 import importlib.metadata
 import threading
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, Union
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from flashpatch.backends.base import Backend, Problem
 
-#: A zero-argument callable returning a Backend (a Backend subclass is one), or "module:attribute" naming one.
-Factory = Union[str, Callable[[], "Backend"]]
+    #: A zero-argument callable returning a Backend (a Backend subclass is one), or "module:attribute".
+    Factory = str | Callable[[], Backend]
 
 ENTRY_POINT_GROUP = "flashpatch.backends"
 #: The names `enable()` takes besides backends: it resolves per call (flashpatch/selection.py).

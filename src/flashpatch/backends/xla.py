@@ -122,10 +122,12 @@ def flash_attention_xla(q, k, v, mask, probs_dtype, block: int = DEFAULT_BLOCK) 
     """(B, T, N, H) attention over a (B, T, S) bool mask; rows with no key come out as 0."""
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
+    out_dtype = jnp.result_type(probs_dtype, v.dtype)
+    if k.shape[1] == 0:  # no keys: every row attends nothing (openpi's einsum gives zeros)
+        return jnp.zeros((b, t, n, h), out_dtype)
     block = min(block, k.shape[1])
     q5 = q.reshape(b, t, kv_heads, n // kv_heads, h)
     out = _flash(q5, k, v, mask, block, jnp.dtype(probs_dtype))  # (B, K, G, T, H) float32
-    out_dtype = jnp.result_type(probs_dtype, v.dtype)
     return jnp.moveaxis(out, 3, 1).reshape(b, t, n, h).astype(out_dtype)
 
 

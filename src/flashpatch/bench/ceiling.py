@@ -31,7 +31,7 @@ class CeilingBackend(Backend):
     dtypes = ("float32", "bfloat16", "float16")
 
     def attend(self, q, k, v, mask, plan: MaskPlan | None, problem: Problem) -> jax.Array:
-        b, t, n, h = q.shape
+        n = q.shape[2]
         pooled = jnp.mean(k.astype(jnp.float32) + v.astype(jnp.float32), axis=1)  # (B, K, H)
         pooled = jnp.repeat(pooled, n // k.shape[2], axis=1)[:, None]  # (B, 1, N, H)
         return (pooled + Q_WEIGHT * q.astype(jnp.float32)).astype(problem.out_dtype)

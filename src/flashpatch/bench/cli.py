@@ -75,15 +75,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix-expert", help=f"flashpatch.testing.gemma variant (default {d.prefix_expert})")
     p.add_argument("--action-expert", help=f"flashpatch.testing.gemma variant (default {d.action_expert})")
     p.add_argument(
-        "--openpi-src", type=Path, metavar="DIR", help="openpi's src/ folder (scenario openpi; default: an installed openpi)"
+        "--openpi-src",
+        type=Path,
+        metavar="DIR",
+        help="openpi's src/ folder (scenario openpi; default: an installed openpi)",
+    )
+    p.add_argument(
+        "--openpi-size",
+        type=cli.one_of(("full", "dummy"), "--openpi-size"),
+        help="full: openpi's Gemma 2B + 300M (default); dummy: its dummy Gemma, for a quick check",
     )
     p.add_argument(
         "--openpi-cases",
         type=cli.names_from(lambda: OPENPI_CASES, "--openpi-cases"),
-        help=f"comma list of {','.join(OPENPI_CASES)} (default all)",
+        help=f"comma list of {','.join(OPENPI_CASES)} (default all but pi0_fit)",
     )
     p.add_argument("--openpi-batch", type=cli.positive_int, help=f"pi0/pi0.5 training batch (default {d.openpi_batch})")
-    p.add_argument("--openpi-long-batch", type=cli.positive_int, help=f"long-prompt batch (default {d.openpi_long_batch})")
+    p.add_argument(
+        "--openpi-long-batch", type=cli.positive_int, help=f"long-prompt batch (default {d.openpi_long_batch})"
+    )
     p.add_argument(
         "--openpi-long-prompt", type=cli.positive_int, help=f"long prompt, tokens (default {d.openpi_long_prompt})"
     )
@@ -93,7 +103,9 @@ def parser() -> argparse.ArgumentParser:
         help="loss and gradients at step 0 against the float32 model (default on)",
     )
     p.add_argument(
-        "--openpi-fit-prompts", type=_ints, help="prompt lengths for the largest T that trains (default: not run)"
+        "--openpi-fit-prompts",
+        type=_ints,
+        help=f"pi0_fit: prompt lengths tried (default {_csv(d.openpi_fit_prompts)})",
     )
     p.add_argument("--warmup", type=int, help=f"warm-up calls (default {d.warmup})")
     p.add_argument("--repeats", type=int, help=f"most timed repeats per measurement (default {d.repeats})")
@@ -152,7 +164,9 @@ def main(argv: Sequence[str] | None = None, stream: TextIO = sys.stdout) -> int:
     args = vars(parser().parse_args(argv))
     if args["render"] is not None:
         if not (args["render"] / "results.json").is_file():
-            cli.fail(PROG, f"--render needs a directory with a results.json; {args['render'] / 'results.json'} is missing")
+            cli.fail(
+                PROG, f"--render needs a directory with a results.json; {args['render'] / 'results.json'} is missing"
+            )
         return render(args["render"], stream)
     options = _options(args)
 
@@ -176,10 +190,19 @@ def main(argv: Sequence[str] | None = None, stream: TextIO = sys.stdout) -> int:
         file=stream,
         flush=True,
     )
+    out = options.out or _default_out(meta)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save_partial() -> None:  # a run cut short (a time limit, a crash) still leaves what it measured
+        meta["notes"] = harness.notes
+        document = {"meta": meta, "records": [r.as_dict() for r in harness.records], "partial": True}
+        (out / "results.json").write_text(json.dumps(document, indent=1) + "\n")
+
+    harness.on_record = save_partial
     for scenario in options.scenarios:
         runners[scenario](harness)
     meta["notes"] = harness.notes
-    write_outputs(options.out or _default_out(meta), meta, harness.records, stream)
+    write_outputs(out, meta, harness.records, stream)
     return 1 if any(r.status == "error" for r in harness.records) else 0
 
 
@@ -188,7 +211,12 @@ def render(directory: Path, stream: TextIO) -> int:
     from flashpatch.bench.records import Record
 
     document = json.loads((directory / "results.json").read_text())
-    write_outputs(directory, document["meta"], [Record(**r) for r in document["records"]], stream)
+    records = [Record(**r) for r in document["records"]]
+    if document.get("partial"):
+        from flashpatch.bench.scenarios.openpi import add_ceiling_shares
+
+        add_ceiling_shares(records)  # a cut-short run never reached the end of its scenario
+    write_outputs(directory, document["meta"], records, stream)
     return 0
 
 

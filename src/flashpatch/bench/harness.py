@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import flashpatch
-from flashpatch import backends, diagnostics, selection
+from flashpatch import diagnostics, selection
 from flashpatch.bench import memory, timing
 from flashpatch.bench.options import Options, variant_names
 from flashpatch.bench.records import Record
@@ -103,6 +103,7 @@ class Harness:
         self.device = jax.devices()[0]
         self.records: list[Record] = []
         self.notes: list[str] = []  # about the whole run (where the models came from, say)
+        self.on_record: Callable[[], None] | None = None  # called after each case (the CLI saves partial JSON)
         self._einsum: dict[tuple[str, str, int], Record] = {}
         self._einsum_outputs: dict[tuple[str, str, int], np.ndarray] = {}
         self._out_of_memory_at: dict[tuple[str, str, str], int] = {}
@@ -162,6 +163,8 @@ class Harness:
                 rec.speedup = base.ms / rec.ms
         self.records.append(rec)
         print(self.progress_line(rec), file=self.stream, flush=True)
+        if self.on_record is not None:
+            self.on_record()
 
     # -- pieces of a case ----------------------------------------------------------------------
 

@@ -41,22 +41,27 @@ class OpenpiNotFound(ImportError):
     """openpi could not be imported from where the user pointed."""
 
 
-def load(src: Path | None, *, require_openpi: bool = False) -> Models:
-    """openpi's models if importable (from `src` first), else the fixtures (or OpenpiNotFound if required)."""
+def load(src: Path | None, *, size: str = "full", require_openpi: bool = False) -> Models:
+    """openpi's models if importable (from `src` first), else the fixtures (or OpenpiNotFound if required).
+
+    size "full": openpi's defaults (Gemma 2B + 300M expert); "dummy": openpi's "dummy" Gemma variants
+    (SigLIP stays full size), for a quick look at the code path.
+    """
     if src is not None:
         if not (src / "openpi" / "models" / "pi0.py").is_file():
             raise OpenpiNotFound(f"--openpi-src must be openpi's src/ folder (with openpi/models/pi0.py); got {src}")
         sys.path.insert(0, str(src))
     try:
-        return _openpi()
+        return _openpi(size)
     except ImportError as err:
         if src is not None or require_openpi:
             raise OpenpiNotFound(f"openpi is not importable: {type(err).__name__}: {err}") from err
         return _fixtures(f"openpi is not importable here ({err}); these are flashpatch's openpi-compatible fixtures")
 
 
-def _openpi() -> Models:
+def _openpi(size: str) -> Models:
     notes: list[str] = []
+    gemma = {} if size == "full" else {"paligemma_variant": "dummy", "action_expert_variant": "dummy"}
     try:
         importlib.import_module("openpi.models.model")
     except ImportError as err:
@@ -74,9 +79,11 @@ def _openpi() -> Models:
     location = Path(pi0_config.__file__).resolve().parents[2]
     return Models(
         source="openpi",
-        description=f"openpi from {location}{_commit(location)}",
-        pi0=lambda **kw: pi0_config.Pi0Config(**kw),
-        pi0_fast=lambda **kw: pi0_fast.Pi0FASTConfig(**kw),
+        description=f"openpi from {location}{_commit(location)}, {size} size",
+        pi0=lambda **kw: pi0_config.Pi0Config(**gemma, **kw),
+        pi0_fast=lambda **kw: pi0_fast.Pi0FASTConfig(
+            **({} if size == "full" else {"paligemma_variant": "dummy"}), **kw
+        ),
         notes=notes,
     )
 
@@ -111,12 +118,20 @@ def _stub_pytorch_port() -> None:
 
 
 def _commit(location: Path) -> str:
+    """openpi's git commit, where `location` is the top of an openpi checkout."""
     import subprocess
 
     try:
-        done = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=location, capture_output=True, text=True, timeout=10
+        top = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel", "--short", "HEAD"],
+            cwd=location,
+            capture_output=True,
+            text=True,
+            timeout=10,
         )
     except (OSError, subprocess.SubprocessError):
         return ""
-    return f" (git {done.stdout.strip()})" if done.returncode == 0 and done.stdout.strip() else ""
+    lines = top.stdout.split()
+    if top.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() != location.resolve():
+        return ""  # not a checkout of openpi itself (a copy of its src/ inside another repository, say)
+    return f" (git {lines[1]})"

@@ -10,7 +10,15 @@ from flashpatch import backends
 SCENARIOS = ("core", "gemma", "gemma_fast", "openpi")
 #: Run when --scenarios is not given (openpi's own models only where asked: they need openpi).
 DEFAULT_SCENARIOS = ("core", "gemma", "gemma_fast")
-OPENPI_CASES = ("pi0_train", "pi05_train", "pi0_long_train", "pi0_sample", "pi05_sample", "pi0_fast_sample")
+OPENPI_CASES = (
+    "pi0_train",
+    "pi05_train",
+    "pi0_long_train",
+    "pi0_sample",
+    "pi05_sample",
+    "pi0_fast_sample",
+    "pi0_fit",  # the largest prompt that trains at openpi_long_batch, einsum vs auto (one compile per rung)
+)
 
 
 def variant_names() -> tuple[str, ...]:
@@ -50,12 +58,13 @@ class Options:
 
     # openpi's own models (scenario "openpi"): openpi from openpi_src, installed, or else the fixtures.
     openpi_src: Path | None = None
-    openpi_cases: tuple[str, ...] = OPENPI_CASES
+    openpi_size: str = "full"  # "full": openpi's Gemma 2B + 300M; "dummy": its dummy Gemma (SigLIP stays full)
+    openpi_cases: tuple[str, ...] = OPENPI_CASES[:-1]
     openpi_batch: int = 32  # pi0 / pi0.5 training at their default prompt lengths
     openpi_long_batch: int = 4
     openpi_long_prompt: int = 3328  # pi0 with 3 cameras: T = 768 + 3328 + 51 = 4147
     openpi_grad_check: bool = True  # step-0 loss and gradients against the float32 model
-    openpi_fit_prompts: tuple[int, ...] = ()  # prompt lengths tried for the largest T that trains
+    openpi_fit_prompts: tuple[int, ...] = (3328, 7424, 15616)  # pi0_fit's rungs: T = 768 + prompt + 51
 
     # Method.
     warmup: int = 2
@@ -84,6 +93,8 @@ class Options:
         small = [t for t in self.core_sizes if t < suffix + 8]
         if small:
             raise ValueError(f"core_sizes must be at least action_horizon + 9 = {suffix + 8}; got {small}")
+        if self.openpi_size not in ("full", "dummy"):
+            raise ValueError(f"openpi_size must be full or dummy; got {self.openpi_size!r}")
         unknown = set(self.openpi_cases) - set(OPENPI_CASES)
         if unknown:
             raise ValueError(f"openpi_cases must be among {', '.join(OPENPI_CASES)}; got {', '.join(sorted(unknown))}")
@@ -115,8 +126,10 @@ QUICK = dict(
     case_seconds=0.2,
     input_sets=2,
     budget_s=120.0,
+    openpi_size="dummy",
     openpi_batch=2,
     openpi_long_batch=2,
     openpi_long_prompt=24,
+    openpi_fit_prompts=(16, 64),
     quick=True,
 )

@@ -34,7 +34,9 @@ def write(records: Sequence[Record], out_dir: Path, meta: dict[str, Any] | None 
     for scenario in dict.fromkeys(r.scenario for r in records):
         recs = [r for r in records if r.scenario == scenario]
         if scenario == "openpi":
-            names.append(_openpi_bars(plt, [r for r in recs if r.case != "fit"], out_dir, meta))
+            workloads = [r for r in recs if r.case != "fit"]
+            if workloads:
+                names.append(_openpi_bars(plt, workloads, out_dir, meta))
             continue
         cases = list(dict.fromkeys(r.case for r in recs))
         colors = {v: f"C{i}" for i, v in enumerate(dict.fromkeys(r.variant for r in recs))}
@@ -66,12 +68,13 @@ def _openpi_bars(plt: Any, recs: Sequence[Record], out_dir: Path, meta: dict[str
     for i, variant in enumerate(variants):
         mine = {r.case: r for r in recs if r.variant == variant}
         xs = [j + (i - (len(variants) - 1) / 2) * width for j in range(len(cases))]
-        speed = [mine[c].speedup if c in mine and mine[c].speedup else (1.0 if variant == EINSUM and c in mine else 0) for c in cases]
+        speed = [_bar_speedup(mine.get(c)) for c in cases]
         peak = [mine[c].memory.get("peak", 0) / GIB if c in mine and mine[c].status == "ok" else 0 for c in cases]
         bars = ax_speed.bar(xs, speed, width, color=colors[variant], label=variant)
         for bar, value in zip(bars, speed, strict=True):
             if value:
-                ax_speed.annotate(f"{value:.2f}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom", fontsize=6)
+                at = (bar.get_x() + bar.get_width() / 2, value)
+                ax_speed.annotate(f"{value:.2f}", at, ha="center", va="bottom", fontsize=6)
         ax_mem.bar(xs, peak, width, color=colors[variant], label=variant)
     for ax in (ax_speed, ax_mem):
         ax.set_xticks(range(len(cases)), [c.replace("_", " ") for c in cases], fontsize=8, rotation=15)
@@ -88,6 +91,12 @@ def _openpi_bars(plt: Any, recs: Sequence[Record], out_dir: Path, meta: dict[str
     fig.savefig(out_dir / "openpi.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return "openpi.png"
+
+
+def _bar_speedup(rec: Record | None) -> float:
+    if rec is None or rec.status != "ok":
+        return 0.0
+    return rec.speedup if rec.speedup is not None else (1.0 if rec.variant == EINSUM else 0.0)
 
 
 def _title(scenario: str, meta: dict[str, Any]) -> str:
@@ -174,7 +183,8 @@ def _not_run(ax: Any, rows: Sequence[Record]) -> None:
     missing = {}
     for variant, mine in _by_variant(rows).items():
         if variant != EINSUM and not any(r.speedup is not None for r in mine):
-            reasons = {(r.reason or r.status).split(";")[0][:90] for r in mine if r.status != "ok"} or {"no einsum baseline"}
+            reasons = {(r.reason or r.status).split(";")[0][:90] for r in mine if r.status != "ok"}
+            reasons = reasons or {"no einsum baseline"}
             missing[variant] = sorted(reasons)[0]
     if missing:
         text = "not drawn: " + "; ".join(f"{v} ({why})" for v, why in missing.items())

@@ -23,7 +23,9 @@ CONVENTIONS = {
     "speedup": "einsum's median time / this variant's median time, same size, same inputs, same process",
     "rel_err": "||out - ref|| / ||ref|| against float32 attention at highest matmul precision (core only); "
     "for forward+backward the largest over dq, dk, dv",
-    "rel_diff_vs_einsum": "models: ||out - einsum's out|| / ||einsum's out|| on the same inputs and parameters",
+    "rel_diff_vs_einsum": "models: ||out - einsum's out|| / ||einsum's out|| on the same inputs and parameters "
+    "(openpi sample_actions: of what the model adds to the starting noise; the ceiling's own value says how much "
+    "the output depends on attention at all)",
     "memory.peak": "compiled memory analysis: arguments + outputs + XLA temp buffer - donated (aliased) bytes "
     "of the measured executable(s) (largest over them)",
     "memory.sampled_mean/sampled_max": "device bytes_in_use polled every ~2 ms during the timed loop "

@@ -161,7 +161,8 @@ def openpi_table(records: Sequence[Record]) -> list[str]:
                 cell += f", {rec.metrics['ceiling_share']:.0%} of the ceiling's gain"
             cells.append(cell)
         batch = next(iter(mine.values())).batch
-        lines.append(f"| {_OPENPI_TITLES.get(case, case)} | {batch} | {'-' if seq is None else int(seq)} | " + " | ".join(cells) + " |")
+        head = f"| {_OPENPI_TITLES.get(case, case)} | {batch} | {'-' if seq is None else int(seq)} | "
+        lines.append(head + " | ".join(cells) + " |")
     return lines
 
 
@@ -175,14 +176,14 @@ def markdown(
         f"- date: {meta['date']}",
         f"- command: `{meta['command']}`",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
-        f"- flashpatch commit: {meta['git_commit'] or 'not recorded (installed from a folder that is not a git checkout)'}",
+        f"- flashpatch commit: {meta['git_commit'] or 'not recorded (installed from a folder outside git)'}",
     ]
     if device.get("memory_limit_bytes"):
         lines.append(f"- device memory available to JAX: {format_bytes(device['memory_limit_bytes'])}")
     lines += [f"- note: {note}" for note in meta.get("notes", [])]
     headline = openpi_table(records)
     if headline:
-        lines += ["", "## openpi's models: median ms (x einsum)", ""] + headline
+        lines += ["", "## openpi's models: median ms (x einsum)", "", *headline]
     lines += ["", "Conventions:", ""]
     lines += [f"- **{name}**: {text}" for name, text in meta["conventions"].items()]
     for (scenario, case), recs in groups(records).items():
@@ -209,10 +210,9 @@ def markdown(
             row.append(status.replace("|", "/"))
             lines.append("| " + " | ".join(row) + " |")
     if fit_rows:
-        o = meta["options"]
         lines += [
             "",
-            "## Largest size that trains (fixture Gemma: T, batch train_batch; openpi: prompt, batch openpi_long_batch)",
+            "## Largest size that trains (fixture Gemma: T at train_batch; openpi: prompt at openpi_long_batch)",
             "",
             "| variant | largest T that ran |",
             "|---|---|",

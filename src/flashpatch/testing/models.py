@@ -178,7 +178,9 @@ class Pi0(nnx.Module):
         valid = jnp.concatenate([prefix_valid, suffix_valid], axis=1)
         mask = make_attn_mask(valid, jnp.concatenate([prefix_ar, suffix_ar]))
         positions = jnp.cumsum(valid, axis=1) - 1
-        (_, suffix_out), _ = self.PaliGemma.llm([prefix, suffix], mask=mask, positions=positions, adarms_cond=[None, cond])
+        (_, suffix_out), _ = self.PaliGemma.llm(
+            [prefix, suffix], mask=mask, positions=positions, adarms_cond=[None, cond]
+        )
         v_t = self.action_out_proj(suffix_out[:, -self.action_horizon :])
         return jnp.mean(jnp.square(v_t - (noise - actions)), axis=-1)
 
@@ -189,7 +191,9 @@ class Pi0(nnx.Module):
             noise = jax.random.normal(rng, (batch, self.action_horizon, self.action_dim))
         prefix, prefix_valid, prefix_ar = self.embed_prefix(observation)
         positions = jnp.cumsum(prefix_valid, axis=1) - 1
-        _, kv_cache = self.PaliGemma.llm([prefix, None], mask=make_attn_mask(prefix_valid, prefix_ar), positions=positions)
+        _, kv_cache = self.PaliGemma.llm(
+            [prefix, None], mask=make_attn_mask(prefix_valid, prefix_ar), positions=positions
+        )
 
         def step(carry):
             x_t, time = carry

@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 
 from flashpatch import masks, meshes
+from flashpatch.backends.base import Backend, Problem
 from flashpatch.backends.kvax import compat as kvax_compat
 from flashpatch.backends.kvax import tuning as kvax_tuning
-from flashpatch.backends.base import Backend, Problem
 from flashpatch.masks import MaskPlan
 
 HEAD_DIMS = (16, 32, 64, 128, 192, 256)

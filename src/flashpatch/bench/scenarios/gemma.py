@@ -21,10 +21,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax import lax
 
 from flashpatch.bench.harness import Harness, Lazy, Variant
-from flashpatch.bench.optimizer import AdamW
+from flashpatch.bench.optimizer import openpi_adamw
 from flashpatch.bench.records import Record
 from flashpatch.testing import gemma, layouts, register
 
@@ -81,15 +82,15 @@ def make_train_batches(harness: Harness, model: gemma.Module, size: int) -> list
     return out
 
 
-def make_train_step(model: gemma.Module, optimizer: AdamW, actions: int):
+def make_train_step(model: gemma.Module, optimizer, actions: int):
     def loss_fn(params, batch: TrainBatch):
         (_, suffix_out), _ = model.apply({"params": params}, [batch.prefix, batch.suffix], batch.positions, batch.mask)
         return jnp.mean(jnp.square(suffix_out[:, -actions:].astype(jnp.float32) - batch.target))
 
     def step(params, opt_state, batch: TrainBatch):
         loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-        params, opt_state = optimizer.update(params, grads, opt_state)
-        return params, opt_state, loss
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
 
     return step
 
@@ -221,7 +222,7 @@ def run(harness: Harness) -> None:
     model = make_model(harness)
     init = Lazy(lambda: jax.jit(functools.partial(init_params, model)))
 
-    optimizer = AdamW()
+    optimizer = openpi_adamw()
     opt_init = jax.jit(optimizer.init)
     step = make_train_step(model, optimizer, o.action_horizon)
 

@@ -8,7 +8,8 @@ Cases (each for every variant: the einsum, each backend asked for, `auto`, the c
   lengths, and pi0 with a long prompt (`pi0_long`).
 - `<model>_sample`: `sample_actions` (pi0 / pi0.5: prefill + 10 denoising steps; pi0-FAST: prefill and
   greedy decoding with the KV cache), bf16 parameters as openpi's policies load them.
-- `fit`: the largest prompt that trains at the long-prompt batch on this device, einsum against `auto`.
+- `pi0_fit` (asked for by name): the largest prompt that trains pi0 at the long-prompt batch on this
+  device, einsum against `auto`, over the prompt lengths `openpi_fit_prompts`.
 
 Every batch is openpi's fake observation filled with random images, state and tokens, prompts padded
 to random lengths and the second camera missing in every third row, so that the masks have padding in
@@ -20,12 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from flashpatch.bench import ceiling, openpi_models
-from flashpatch.bench.harness import EINSUM, Harness, Lazy, Variant, rel_err
+from flashpatch.bench.harness import EINSUM, Harness, Lazy, Variant
+from flashpatch.bench.optimizer import openpi_adamw
 from flashpatch.bench.records import Record
 
 #: pi0-FAST tokens decoded per sample_actions call (openpi's default is 256, with an early stop at EOS).
@@ -63,7 +67,23 @@ def _config(models: openpi_models.Models, case: Case, dtype: str, max_token_len:
     return models.pi0(pi05=case.model == "pi05", dtype=dtype, **extra)
 
 
-def fill_batch(config, batch: int, seed: int):
+@dataclasses.dataclass
+class Batch:
+    """Observation and actions as a flat list of arrays, to pass to jitted steps as arguments.
+
+    Arguments, not closed-over constants: XLA would fold the masks' analysis at compile time. Flat: JAX's
+    argument bookkeeping rebuilds pytrees around placeholders, which openpi's type-checked Observation rejects.
+    """
+
+    leaves: list
+    treedef: Any
+
+    def unpack(self, leaves: list | None = None):
+        """(observation, actions), from `leaves` (tracers inside a step) or the stored arrays."""
+        return jax.tree.unflatten(self.treedef, self.leaves if leaves is None else leaves)
+
+
+def fill_batch(config, batch: int, seed: int) -> Batch:
     """openpi's fake observation and actions with random content, padded prompts, a missing camera."""
     rng = np.random.default_rng(seed)
     obs = config.fake_obs(batch)
@@ -86,24 +106,19 @@ def fill_batch(config, batch: int, seed: int):
     if getattr(obs, "token_ar_mask", None) is not None:
         fields["token_ar_mask"] = jnp.zeros_like(obs.token_ar_mask)
         fields["token_loss_mask"] = jnp.asarray(prompt_mask)
-    return obs.replace(**fields), jnp.asarray(rng.uniform(-1, 1, actions.shape), actions.dtype)
-
-
-def _optimizer():
-    """openpi's default training optimizer: AdamW (b2 0.95, weight decay 1e-10), global-norm clip 1.0."""
-    import optax
-
-    return optax.chain(
-        optax.clip_by_global_norm(1.0), optax.adamw(2.5e-5, b1=0.9, b2=0.95, eps=1e-8, weight_decay=1e-10)
+    leaves, treedef = jax.tree.flatten(
+        (obs.replace(**fields), jnp.asarray(rng.uniform(-1, 1, actions.shape), actions.dtype))
     )
+    return Batch(leaves, treedef)
 
 
 class Built:
     """One model: graph, parameters (float32) and the rest of its state, built once per case."""
 
     def __init__(self, config, seed: int):
-        import flashpatch
         from flax import nnx
+
+        import flashpatch
 
         with flashpatch.disable():  # creating the model traces its init; no need for flashpatch there
             model = config.create(jax.random.key(seed))
@@ -134,28 +149,33 @@ def _fill_zeros(params, seed: int, scale: float = 0.02):
     return jax.tree.unflatten(treedef, filled)
 
 
-def _train_fns(built: Built, obs, actions, seed: int):
-    optimizer = _optimizer()
+def _train_fns(built: Built, batch: Batch, seed: int):
+    optimizer = openpi_adamw()
 
-    def loss_fn(params, step, graphdef=None):
+    def loss_fn(params, leaves, step, graphdef=None):
+        obs, actions = batch.unpack(leaves)
         rng = jax.random.fold_in(jax.random.key(seed), step)
         model = built.merged(params, graphdef)
         return jnp.mean(model.compute_loss(rng, obs, actions, train=True))
 
-    def step(params, opt_state, step_index):
+    def step(params, opt_state, leaves, step_index):
         import optax
 
-        loss, grads = jax.value_and_grad(loss_fn)(params, step_index)
+        loss, grads = jax.value_and_grad(loss_fn)(params, leaves, step_index)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
     return optimizer, loss_fn, step
 
 
-def sequence_length(built: Built, obs, case: Case) -> int:
+def sequence_length(built: Built, batch: Batch, case: Case) -> int:
     """Tokens per sequence that attention sees: the embedded prefix, plus pi0's suffix in training."""
     embed = "embed_inputs" if case.model == "pi0_fast" else "embed_prefix"
-    prefix = jax.eval_shape(lambda p: getattr(built.merged(p), embed)(obs)[0], built.params).shape[1]
+
+    def prefix_of(params, leaves):
+        return getattr(built.merged(params), embed)(batch.unpack(leaves)[0])[0]
+
+    prefix = jax.eval_shape(prefix_of, built.params, batch.leaves).shape[1]
     if case.model == "pi0_fast" or case.kind == "sample":
         return prefix
     horizon = built.merged(built.params).action_horizon
@@ -176,12 +196,20 @@ def _train_body(harness: Harness, variant: Variant, case: Case, built: Lazy, dat
     o = harness.options
 
     def body(rec: Record) -> None:
-        model, (obs, actions) = built.get(), data.get()
-        optimizer, loss_fn, step = _train_fns(model, obs, actions, o.seed)
+        model, batch = built.get(), data.get()
+        optimizer, loss_fn, step = _train_fns(model, batch, o.seed)
         params = jax.tree.map(jnp.copy, model.params)
         opt_state = optimizer.init(params)
         compiled = harness.compile(
-            rec, variant, step, params, opt_state, np.int32(0), context=variant.model_context(), donate=(0, 1)
+            rec,
+            variant,
+            step,
+            params,
+            opt_state,
+            batch.leaves,
+            np.int32(0),
+            context=variant.model_context(),
+            donate=(0, 1),
         )
         flops = _flops(compiled)
         if flops:
@@ -191,11 +219,11 @@ def _train_body(harness: Harness, variant: Variant, case: Case, built: Lazy, dat
         losses = []
 
         def call(i: int):
-            state[0], state[1], loss = compiled(state[0], state[1], np.int32(i))
+            state[0], state[1], loss = compiled(state[0], state[1], batch.leaves, np.int32(i))
             losses.append(loss)
             return loss, state
 
-        rec.metrics["seq_len"] = sequence_length(model, obs, case)
+        rec.metrics["seq_len"] = sequence_length(model, batch, case)
         result = harness.time(rec, "step", call, group_small_calls=False)
         if not all(np.isfinite(float(x)) for x in losses):
             raise FloatingPointError("training loss became NaN or inf")
@@ -204,60 +232,86 @@ def _train_body(harness: Harness, variant: Variant, case: Case, built: Lazy, dat
         rec.metrics["steps_per_s"] = 1e3 / result.median_ms
         state.clear()
         if o.openpi_grad_check and case.name != "fit" and variant.name != ceiling.NAME:
-            _grad_agreement(harness, rec, variant, model, loss_fn, grads)
+            _grad_agreement(rec, variant, model, batch, loss_fn, grads)
 
     return body
 
 
-def _grad_agreement(harness: Harness, rec: Record, variant: Variant, model: Built, loss_fn, grads: Lazy) -> None:
+def _grad_agreement(rec: Record, variant: Variant, model: Built, batch: Batch, loss_fn, grads: Lazy) -> None:
     """Loss and gradients at step 0 against the float32 model, as rel. errors (global over all parameters)."""
     ref_loss, ref_grads = grads.get()
     with variant.model_context():
-        loss, got = jax.jit(jax.value_and_grad(loss_fn))(model.params, np.int32(0))
-    leaves = jax.tree.leaves(got)
-    if not all(bool(jnp.all(jnp.isfinite(g))) for g in leaves):
-        raise FloatingPointError("gradients have NaN or inf")
-    flat = jnp.concatenate([jnp.ravel(g.astype(jnp.float32)) for g in leaves])
-    rec.metrics["grad_rel_err_vs_f32"] = rel_err(flat, ref_grads)
+        loss, got = jax.jit(jax.value_and_grad(loss_fn))(model.params, batch.leaves, np.int32(0))
+    rec.metrics["grad_rel_err_vs_f32"] = tree_rel_err(got, ref_grads)
     rec.metrics["loss_rel_err_vs_f32"] = abs(float(loss) - ref_loss) / max(abs(ref_loss), 1e-30)
 
 
-def _float32_grads(models, case: Case, model: Built, data: Lazy, seed: int):
-    """Step 0's loss and flattened gradients of the same parameters and batch, computed in float32."""
-    import flashpatch
+def tree_rel_err(got, ref) -> float:
+    """||got - ref|| / ||ref|| over every leaf of two gradient trees at once; NaN or inf anywhere raises."""
+
+    @jax.jit
+    def sums(got, ref):
+        pairs = zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True)
+        squares = [(jnp.sum(jnp.square(g.astype(jnp.float32) - r)), jnp.sum(jnp.square(r))) for g, r in pairs]
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(got)]))
+        return sum(d for d, _ in squares), sum(n for _, n in squares), finite
+
+    diff, norm, finite = sums(got, ref)
+    if not bool(finite):
+        raise FloatingPointError("gradients have NaN or inf")
+    return float(jnp.sqrt(diff) / jnp.maximum(jnp.sqrt(norm), 1e-30))
+
+
+def _float32_grads(models, case: Case, built: Lazy, data: Lazy, seed: int):
+    """Step 0's loss and gradients of the same parameters and batch, computed in float32."""
     from flax import nnx
 
+    import flashpatch
+
+    model = built.get()
     config32 = _config(models, case, "float32")
-    with flashpatch.disable():
-        reference = config32.create(jax.random.key(seed))
+    with flashpatch.disable():  # only the graph is needed: build it abstractly (no second copy of the weights)
+        try:
+            reference = nnx.eval_shape(lambda: config32.create(jax.random.key(seed)))
+        except Exception:
+            reference = config32.create(jax.random.key(seed))
     graphdef32, _, _ = nnx.split(reference, nnx.Param, ...)
-    obs, actions = data.get()
-    _, loss_fn, _ = _train_fns(model, obs, actions, seed)
+    del reference
+    batch = data.get()
+    _, loss_fn, _ = _train_fns(model, batch, seed)
     with flashpatch.disable(), jax.default_matmul_precision("highest"):
         loss, got = jax.jit(jax.value_and_grad(functools.partial(loss_fn, graphdef=graphdef32)))(
-            model.params, np.int32(0)
+            model.params, batch.leaves, np.int32(0)
         )
-    flat = jnp.concatenate([jnp.ravel(g.astype(jnp.float32)) for g in jax.tree.leaves(got)])
-    return float(loss), flat
+    return float(loss), got
+
+
+def _to_bf16(p: jax.Array) -> jax.Array:
+    """Parameters as openpi's policies load them for inference: floating ones in bf16."""
+    return p.astype(jnp.bfloat16) if jnp.issubdtype(p.dtype, jnp.floating) else p
 
 
 def _sample_body(harness: Harness, variant: Variant, case: Case, built: Lazy, data: Lazy):
     def body(rec: Record) -> None:
-        model, (obs, _) = built.get(), data.get()
-        params = jax.tree.map(lambda p: p.astype(jnp.bfloat16) if jnp.issubdtype(p.dtype, jnp.floating) else p, model.params)
+        model, batch = built.get(), data.get()
+        params = jax.tree.map(_to_bf16, model.params)
 
-        def sample(params, obs, rng):
+        def sample(params, leaves, rng):
+            obs, actions = batch.unpack(leaves)
             policy = model.merged(params)
             if case.model == "pi0_fast":
                 return policy.sample_actions(rng, obs, max_decoding_steps=DECODE_STEPS)
-            return policy.sample_actions(rng, obs, num_steps=10)
+            noise = jax.random.normal(rng, actions.shape)
+            # What the model adds to the noise it starts from (compared across variants: the noise is the same).
+            return policy.sample_actions(rng, obs, num_steps=10, noise=noise) - noise
 
         rngs = [jax.random.key(harness.options.seed + i) for i in range(harness.options.input_sets)]
-        compiled = harness.compile(rec, variant, sample, params, obs, rngs[0], context=variant.model_context())
-        rec.metrics["seq_len"] = sequence_length(model, obs, case)
-        result = harness.time(rec, "sample", lambda i: compiled(params, obs, rngs[i % len(rngs)]))
+        leaves = batch.leaves
+        compiled = harness.compile(rec, variant, sample, params, leaves, rngs[0], context=variant.model_context())
+        rec.metrics["seq_len"] = sequence_length(model, batch, case)
+        result = harness.time(rec, "sample", lambda i: compiled(params, leaves, rngs[i % len(rngs)]))
         rec.ms = result.median_ms
-        out = compiled(params, obs, rngs[0])
+        out = compiled(params, leaves, rngs[0])
         if case.model == "pi0_fast":
             harness.compare_tokens_to_einsum(rec, out)
         else:
@@ -268,7 +322,7 @@ def _sample_body(harness: Harness, variant: Variant, case: Case, built: Lazy, da
 
 def run(harness: Harness) -> None:
     o = harness.options
-    models = openpi_models.load(o.openpi_src)
+    models = openpi_models.load(o.openpi_src, size=o.openpi_size)
     harness.notes.append(f"openpi mode: {models.description}")
     harness.notes.extend(models.notes)
     harness.budget.begin("openpi")
@@ -277,7 +331,7 @@ def run(harness: Harness) -> None:
         for case in cases(o):
             built = Lazy(functools.partial(Built, _config(models, case, "bfloat16"), o.seed))
             data = Lazy(functools.partial(fill_batch, _config(models, case, "bfloat16"), case.batch, o.seed))
-            grads = Lazy(lambda case=case, built=built, data=data: _float32_grads(models, case, built.get(), data, o.seed))
+            grads = Lazy(functools.partial(_float32_grads, models, case, built, data, o.seed))
             for variant in variants:
                 if case.kind == "train":
                     body = _train_body(harness, variant, case, built, data, grads)
@@ -287,7 +341,7 @@ def run(harness: Harness) -> None:
             built.drop()
             data.drop()
             grads.drop()
-        if o.openpi_fit_prompts:
+        if "pi0_fit" in o.openpi_cases:
             fit(harness, models, [v for v in variants if v.name in (EINSUM, "auto")])
     add_ceiling_shares(harness.records)
 
@@ -309,7 +363,7 @@ def add_ceiling_shares(records: list[Record]) -> None:
             continue
         for rec in found.values():
             share = share_of_ceiling(base.ms, rec.ms, top.ms)
-            if share is not None and rec.variant != EINSUM:
+            if share is not None and rec.variant not in (EINSUM, ceiling.NAME):
                 rec.metrics["ceiling_share"] = share
         flops, base_flops = top.metrics.get("gflop_per_step"), base.metrics.get("gflop_per_step")
         if flops and base_flops:

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# openpi's own models and the attention core on the H200, through `python -m flashpatch.bench`.
+# Run from the repository root on the device machine, with (both ignored, carried):
+#   .whl/         jaxtyping 0.2.36, beartype 0.19.0, ml_collections 1.0.0, augmax 0.4.1 (openpi's model code
+#                 needs them; the image has newer jaxtyping, which openpi's array_typing does not import with)
+#   .openpi/src/  openpi's src/ folder (git archive of github.com/Physical-Intelligence/openpi)
+# Usage: bash benchmarks/lab/gpu/openpi_h200.sh STEP...   (logs and results under $OUT/<step>)
+set -uo pipefail
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || { echo "wheel install failed"; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
+  python3 -c 'import importlib.metadata as m, platform; print("python", platform.python_version()); [print(n, m.version(n)) for n in ("jax","jaxlib","flax","optax","numpy","jaxtyping","beartype","torch","transformers","nvidia-cudnn-cu13")]'
+} > "$OUT/environment.txt" 2>&1
+cat "$OUT/environment.txt"
+bench() {  # bench NAME SECONDS ARGS...: one bench run under a hard time limit
+  local name=$1 limit=$2; shift 2
+  echo "== $name (limit ${limit}s): python3 -m flashpatch.bench $*"
+  timeout "$limit" python3 -m flashpatch.bench --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1
+  echo "== $name exit $?"; tail -n 30 "$OUT/$name.log"
+}
+openpi=(--scenarios openpi --openpi-src .openpi/src --repeats 5 --case-seconds 4)
+for step in "$@"; do
+  case $step in
+    train_pi0) bench train_pi0 560 "${openpi[@]}" --backends auto --openpi-cases pi0_train,pi0_sample,pi05_sample --budget-s 520 ;;
+    train_more) bench train_more 560 "${openpi[@]}" --backends auto --openpi-cases pi05_train,pi0_long_train,pi0_fast_sample --budget-s 520 ;;
+    core_b2) bench core_b2 200 --scenarios core --core-batch 2 --core-sizes 1024,1536,2048,3072,4096 --backends cudnn,cudnn_split,auto --budget-s 180 ;;
+    core_b32) bench core_b32 120 --scenarios core --core-batch 32 --core-sizes 870 --backends cudnn,cudnn_split,auto --budget-s 100 ;;
+    core_b8) bench core_b8 120 --scenarios core --core-batch 8 --core-sizes 1024 --backends cudnn,cudnn_split,auto --budget-s 100 ;;
+    fit) bench fit 560 "${openpi[@]}" --backends auto --openpi-cases pi0_fit --repeats 2 --budget-s 520 ;;
+    *) echo "unknown step $step" ;;
+  esac
+done
