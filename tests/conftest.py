@@ -27,7 +27,29 @@ def use_backend():
         yield lambda name, backend: stack.enter_context(backends.override(name, backend))
 
 
+#: The quick subset (`-m "not slow"`) for the inner loop: every test, but of the long parametrized checks only
+#: float32 and the layouts that differ most (pi0 with padding mid-sequence, pi0-FAST, a decode step, an arbitrary
+#: mask); the other parametrizations and the end-to-end training runs are marked slow. CI runs everything.
+QUICK_PARAMS = ("pi0_padding_mid", "pi0_fast", "decode_t1", "arbitrary", "pi0", "fast", "openpi_mask")
+SLOW_FILES = ("test_multidevice.py", "test_train_parity.py")
+
+
+def _slow(item) -> bool:
+    if item.path.name in SLOW_FILES:
+        return True
+    callspec = getattr(item, "callspec", None)
+    if callspec is None:
+        return False
+    values = [str(v) for v in callspec.params.values()]
+    layouts = [v for v in values if v not in ("float32", "bfloat16", "True", "False")]
+    return "bfloat16" in values or (bool(layouts) and not any(v in QUICK_PARAMS for v in layouts))
+
+
 def pytest_collection_modifyitems(config, items):
+    slow = pytest.mark.slow
+    for item in items:
+        if _slow(item):
+            item.add_marker(slow)
     if jax.default_backend() == "gpu":
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -8,7 +8,7 @@ Lowering runs jax-triton's whole compile path, so every kvax Triton kernel goes 
 front end and back end to PTX for sm_90 (H100). API breaks between jax, jax-triton, triton and kvax
 show up here; whether the PTX runs correctly is left to the GPU suite.
 
-    python tools/kvax_lowering_probe.py [--before MODULE] [--capability 90]
+    python benchmarks/lab/kvax_lowering_probe.py [--before MODULE] [--capability 90]
 
 --before imports MODULE first (e.g. the kvax compat layer, so its shims apply). Prints one JSON
 line; exits 0 when every kernel compiled, 1 when something failed (the error is in the JSON).

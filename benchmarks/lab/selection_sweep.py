@@ -1,6 +1,6 @@
 """Where does the blockwise `xla` backend overtake the einsum on CPU? (feeds `flashpatch.selection`)
 
-    PYTHONPATH=src python scripts/cpu/selection_sweep.py [--out results.json]
+    PYTHONPATH=src python benchmarks/lab/selection_sweep.py [--out results.json]
 
 openpi's head shapes (8 query heads, 1 kv head, head_dim 256), float32, pi0 layout with padding,
 B=1, T=S over a ladder; forward and forward+backward; median of several runs, both variants

@@ -114,7 +114,8 @@ def _flash(q, k, v, mask, backend, problem: Problem) -> jax.Array:
         # The fallback's conditional comes first and the fast path after it, outside it (inside one,
         # cudnn_split's fwd+bwd took 5.54 ms on the H100 where the same computation alone took 3.07;
         # B=32, T=870). The host reads a conditional's predicate before it launches a branch, so a
-        # conditional placed after the fast path waits for all of it: 0.13-0.27 ms more per call (run 19).
+        # conditional placed after the fast path waits for all of it: 0.13-0.27 ms more per call
+        # (benchmarks/history/training-speed.md).
         fallback_out = lax.cond(accepted, skipped, fallback_and_warn)
         fast = backend.attend(*_after((q, k, v), fallback_out), mask, plan, problem)
         out = jnp.where(accepted, fast, fallback_out)

@@ -17,11 +17,11 @@ from flashpatch import backends
 from flashpatch.backends.base import Problem
 
 #: On CPU the einsum beats the blockwise path while the logits are small; past this many (query,
-#: key) pairs per head the blockwise path is chosen for its O(T) memory. See docs/selection.md.
+#: key) pairs per head the blockwise path is chosen for its O(T) memory (benchmarks/results/cpu-2026-11-25).
 CPU_MIN_PAIRS_FOR_XLA = 1536 * 1536
 #: On the GPU, (query, key) pairs over batch and heads (B * N * T * S) below which the einsum is as fast
 #: as any flash path (their fixed costs dominate), and from which cudnn_split is the fastest. Measured
-#: with 8/1 heads and head_dim 256 on the H100 (docs/selection.md).
+#: with 8/1 heads and head_dim 256 (docs/benchmarks.md, "How auto chooses").
 GPU_MIN_PAIRS_FOR_FLASH = 2**25
 GPU_MIN_PAIRS_FOR_SPLIT = 2**27
 
@@ -45,45 +45,47 @@ class Rule:
     why: str
 
 
-_H100 = "H100, bf16, 8/1 heads, head_dim 256, pi0 layout"
+#: Where each GPU rule's numbers come from: openpi's shapes (bf16, 8 q heads, 1 kv head, head_dim 256).
+_H200_OPENPI = "benchmarks/results/h200-2026-12-01-openpi-*"
+_H200_CORE = "benchmarks/results/h200-2026-12-01-core-b32"
+_H100 = "H100, docs/benchmarks.md 'H100 measurements'"
 RULES: tuple[Rule, ...] = (
     Rule(
         "gpu",
         lambda p: p.q_len == 1,
         ("reference",),
-        "one-token decode: 18-layer pi0-FAST decode with cache 1024/4096 ran 5.55/5.78 ms per token on the einsum, "
-        "6.71/9.55 on cudnn (benchmarks/results/h100-2026-11-25-call8)",
+        "one-token decode: openpi's pi0-FAST sample_actions on the H200 takes 295 ms on the einsum "
+        f"({_H200_OPENPI.replace('*', 'pi05')}); every flash path was slower per decoded token ({_H100}: 18-layer "
+        "decode at cache 1024 / 4096, einsum 5.55 / 5.78 ms per token, cudnn 6.71 / 9.55)",
     ),
     Rule(
         "gpu",
         lambda p: pairs(p) < GPU_MIN_PAIRS_FOR_FLASH,
         ("reference",),
-        f"fewer than 2**25 (query, key) pairs over batch and heads: {_H100}: B=2 T=S=1024 einsum 0.186/0.628 ms "
-        "fwd/fwd+bwd, cudnn 0.192/0.634; pi0 inference B=1 T=1024 einsum 29.9 ms, cudnn 44.8 "
-        "(benchmarks/results/h100-2026-11-25-call8)",
+        "fewer than 2**25 (query, key) pairs over batch and heads, where fixed costs dominate: openpi's pi0 and pi0.5 "
+        f"sample_actions at batch 1 run 33.8 / 37.5 ms on the einsum on the H200 ({_H200_OPENPI.replace('*', 'pi0')}); "
+        f"{_H100}: B=2 T=S=1024 einsum 0.186 / 0.628 ms fwd / fwd+bwd, cudnn 0.192 / 0.634",
     ),
     Rule(
         "gpu",
         lambda p: pairs(p) >= GPU_MIN_PAIRS_FOR_SPLIT,
         ("cudnn_split", "cudnn", "kvax", "xla"),
-        f"at least 2**27 (query, key) pairs over batch and heads: {_H100}, fwd+bwd x einsum: B=2 T=S=4096 "
-        "cudnn_split 2.82x, cudnn 1.46x; B=32 T=S=870 cudnn_split 1.72x, cudnn 1.21x "
-        "(benchmarks/results/h100-2026-11-25-call20); 18-layer pi0 training step B=4 T=4096 cudnn_split 1.61x, "
-        "cudnn 1.35x (h100-2026-11-25-call8)",
+        "at least 2**27 (query, key) pairs over batch and heads: on the H200, B=32 T=S=870 fwd+bwd cudnn_split 1.72x "
+        f"the einsum, cudnn 1.26x ({_H200_CORE}); openpi's pi0 training step at batch 4, T=4147: cudnn_split 1.60x, "
+        f"cudnn 1.26x ({_H200_OPENPI.replace('*', 'long')})",
     ),
     Rule(
         "gpu",
         lambda p: True,
         ("cudnn", "cudnn_split", "kvax", "xla"),
         f"2**25 to 2**27 (query, key) pairs over batch and heads: {_H100}: 18-layer pi0 training step B=4 T=1024 "
-        "cudnn 1.10x einsum, cudnn_split 1.09x (h100-2026-11-25-call8); B=8 T=S=1024 fwd+bwd cudnn 1.14x, "
-        "cudnn_split 0.93x (h100-2026-11-25-call7, before its last speed-up)",
+        "cudnn 1.10x the einsum, cudnn_split 1.09x; B=8 T=S=1024 fwd+bwd cudnn 1.14x (not yet measured on the H200)",
     ),
     Rule(
         "cpu",
         lambda p: p.q_len * p.kv_len < CPU_MIN_PAIRS_FOR_XLA,
         ("reference",),
-        f"CPU: the einsum is faster while T*S < {CPU_MIN_PAIRS_FOR_XLA} (docs/selection.md)",
+        f"CPU: the einsum is faster while T*S < {CPU_MIN_PAIRS_FOR_XLA} (benchmarks/results/cpu-2026-11-25)",
     ),
     Rule("cpu", lambda p: True, ("xla",), "CPU: blockwise attention keeps memory O(T) at large T*S"),
 )

@@ -1,6 +1,6 @@
 """Check, on a CUDA GPU, the assumptions the cudnn backend rests on, and time its two mask paths.
 
-    PYTHONPATH=src python scripts/gpu/cudnn_probe.py [--size 4096] [--batch 2] [--out cudnn_probe.json]
+    PYTHONPATH=src python benchmarks/lab/gpu/cudnn_probe.py [--size 4096] [--batch 2] [--out cudnn_probe.json]
 
 Prints (and writes as JSON) what JAX's cuDNN attention does with the inputs the backend avoids
 giving it (rows with no key, keys past the sequence lengths, NaN in masked keys), whether the

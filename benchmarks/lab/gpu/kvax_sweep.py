@@ -8,7 +8,7 @@ Sections (JSON written after each, so a timeout still returns what ran):
   short       pi0 sample_actions (51 queries over the cache) and pi0-FAST decode (1 query)
   overhead    kvax through flashpatch (mask analysis, sort, block masks) vs the bare kernel call
 
-Run: PYTHONPATH=<kvax site>:src python scripts/gpu/kvax_sweep.py --out DIR [--budget SECONDS]
+Run: PYTHONPATH=<kvax site>:src python benchmarks/lab/gpu/kvax_sweep.py --out DIR [--budget SECONDS]
 """
 
 from __future__ import annotations

@@ -17,11 +17,11 @@ Sections (JSON written to --out/multi_gpu.json after each variant, so a timeout 
           pi0's widths and --depth layers: median ms per step, original vs kvax vs cudnn, compile
           seconds, compiled temp memory per device, first-step loss
 
-Run from the repository root with the kvax and jax-triton wheels in .whl/ (as scripts/gpu/run_all.sh):
-  bash scripts/gpu/run_multi_gpu.sh                  # on the 2-GPU machine; logs and JSON under $OUT
-  PYTHONPATH=<kvax site>:src python3 scripts/gpu/multi_gpu.py --out DIR [--fsdp N] [--budget S]
+Run from the repository root with the kvax and jax-triton wheels in .whl/ (as benchmarks/lab/gpu/run_all.sh):
+  bash benchmarks/lab/gpu/run_multi_gpu.sh                  # on the 2-GPU machine; logs and JSON under $OUT
+  PYTHONPATH=<kvax site>:src python3 benchmarks/lab/gpu/multi_gpu.py --out DIR [--fsdp N] [--budget S]
 CPU smoke test of the script (tiny shapes; kvax/cudnn fall back to the original there, and say so):
-  XLA_FLAGS=--xla_force_host_platform_device_count=2 PYTHONPATH=src python scripts/gpu/multi_gpu.py \\
+  XLA_FLAGS=--xla_force_host_platform_device_count=2 PYTHONPATH=src python benchmarks/lab/gpu/multi_gpu.py \\
     --smoke --out /tmp/multi_gpu
 """
 

@@ -27,7 +27,8 @@ openpi=(--scenarios openpi --openpi-src .openpi/src --repeats 5 --case-seconds 4
 for step in "$@"; do
   case $step in
     train_pi0) bench train_pi0 560 "${openpi[@]}" --backends auto --openpi-cases pi0_train,pi0_sample,pi05_sample --budget-s 520 ;;
-    train_more) bench train_more 560 "${openpi[@]}" --backends auto --openpi-cases pi05_train,pi0_long_train,pi0_fast_sample --budget-s 520 ;;
+    train_pi05) bench train_pi05 560 "${openpi[@]}" --backends auto --openpi-cases pi05_train,pi0_fast_sample --budget-s 520 ;;
+    train_long) bench train_long 400 "${openpi[@]}" --backends auto,cudnn --openpi-cases pi0_long_train --budget-s 360 ;;
     core_b2) bench core_b2 200 --scenarios core --core-batch 2 --core-sizes 1024,1536,2048,3072,4096 --backends cudnn,cudnn_split,auto --budget-s 180 ;;
     core_b32) bench core_b32 120 --scenarios core --core-batch 32 --core-sizes 870 --backends cudnn,cudnn_split,auto --budget-s 100 ;;
     core_b8) bench core_b8 120 --scenarios core --core-batch 8 --core-sizes 1024 --backends cudnn,cudnn_split,auto --budget-s 100 ;;

@@ -8,6 +8,6 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$OUT/gpu.txt"
 echo "== multi_gpu (limit 570s)"
-timeout 570 python3 scripts/gpu/multi_gpu.py --out "$OUT" --budget 480 "$@" > "$OUT/multi_gpu.log" 2>&1
+timeout 570 python3 benchmarks/lab/gpu/multi_gpu.py --out "$OUT" --budget 480 "$@" > "$OUT/multi_gpu.log" 2>&1
 echo "exit $?"
 tail -n 20 "$OUT/multi_gpu.log"

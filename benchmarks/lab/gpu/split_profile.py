@@ -14,7 +14,7 @@ layer's output), as openpi's layer stack does, and reports ms per layer: costs p
 (dispatch, host callbacks' bookkeeping) spread over the layers, costs paid per layer (a conditional's
 predicate read by the host) do not.
 
-Run: PYTHONPATH=src python scripts/gpu/split_profile.py --out DIR [--shapes 32x870,2x4096] [--layers 8]
+Run: PYTHONPATH=src python benchmarks/lab/gpu/split_profile.py --out DIR [--shapes 32x870,2x4096] [--layers 8]
     [--variants einsum,core_cond_remat,...]
 """
 

@@ -1,6 +1,6 @@
 """openpi's training masks through cuDNN without a dense mask: one shared block, one short tail.
 
-A dense (B, T, S) mask costs cuDNN most of its speed (issue 9: 5.1 ms fwd+bwd at B=2, T=S=4096
+A dense (B, T, S) mask costs cuDNN most of its speed (H100: 5.1 ms fwd+bwd at B=2, T=S=4096
 against 2.9 ms with no mask at all), while sequence lengths cost it nothing. In chain form
 (`flashpatch.masks`) with keys sorted by threshold, row i of an openpi mask attends the first
 rank[i] keys, and the rows with the smallest positive rank are one large group: pi0's and

@@ -271,7 +271,7 @@ def size_label(scenario: str) -> str:
 def format_metric(name: str, value: float) -> str:
     if name in ("seq_len",):
         return f"{value:.0f}"
-    if name in ("ceiling_share", "tokens_same_as_einsum", "gflop_vs_einsum"):
+    if name in ("ceiling_share", "tokens_same_as_einsum", "gflop_vs_leanest"):
         return f"{value:.0%}"
     if name.startswith(("rel_", "loss", "grad_")):
         return f"{value:.2e}"

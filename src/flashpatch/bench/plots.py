@@ -40,7 +40,7 @@ def write(records: Sequence[Record], out_dir: Path, meta: dict[str, Any] | None 
             continue
         cases = list(dict.fromkeys(r.case for r in recs))
         colors = {v: f"C{i}" for i, v in enumerate(dict.fromkeys(r.variant for r in recs))}
-        fig, axes = plt.subplots(len(cases), 2, figsize=(13, 4.8 * len(cases)), squeeze=False)
+        fig, axes = plt.subplots(len(cases), 2, figsize=(13, 5.2 * len(cases)), squeeze=False)
         for (ax_speed, ax_mem), case in zip(axes, cases, strict=True):
             rows = [r for r in recs if r.case == case]
             sizes = sorted({r.size for r in rows if r.status == "ok"})
@@ -187,8 +187,11 @@ def _not_run(ax: Any, rows: Sequence[Record]) -> None:
             reasons = reasons or {"no einsum baseline"}
             missing[variant] = sorted(reasons)[0]
     if missing:
+        import textwrap
+
         text = "not drawn: " + "; ".join(f"{v} ({why})" for v, why in missing.items())
-        ax.annotate(text, (0, -0.2), xycoords="axes fraction", fontsize=7, va="top", wrap=True, color="dimgray")
+        text = textwrap.fill(text, 80, max_lines=4, placeholder=" ...")
+        ax.annotate(text, (0, -0.17), xycoords="axes fraction", fontsize=7, va="top", color="dimgray")
 
 
 def _legend(ax: Any) -> None:

@@ -109,9 +109,13 @@ def device_info() -> dict[str, Any]:
     }
 
 
-def git_commit() -> str | None:
-    """The flashpatch commit measured: from the package's checkout, or the one pip installed it from."""
-    for where in _source_dirs():
+def git_commit(package_dir: Path | None = None, direct_url: dict[str, Any] | None = None) -> str | None:
+    """The flashpatch commit measured: from the package's checkout, or the one pip installed it from.
+
+    A non-editable install copies the package out of its checkout; pip's direct_url.json still says which
+    folder (or VCS commit) it came from. The arguments stand in for both, for tests.
+    """
+    for where in _source_dirs(package_dir, direct_url):
         try:
             done = subprocess.run(
                 ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10, check=True
@@ -123,16 +127,17 @@ def git_commit() -> str | None:
                 ["git", "status", "--porcelain", "--untracked-files=no"], cwd=where, capture_output=True, text=True
             )
             return done.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
-    return _installed_commit()
+    commit = (direct_url if direct_url is not None else _direct_url()).get("vcs_info", {}).get("commit_id")
+    return commit or None
 
 
-def _source_dirs() -> list[Path]:
+def _source_dirs(package_dir: Path | None, direct_url: dict[str, Any] | None) -> list[Path]:
     """Where flashpatch's source may sit in a git checkout: the package itself, or the folder pip built it from."""
-    dirs = [Path(__file__).resolve().parent]
-    url = _direct_url()
+    dirs = [package_dir or Path(__file__).resolve().parent]
+    url = direct_url if direct_url is not None else _direct_url()
     if url.get("url", "").startswith("file://"):
         dirs.append(Path(url["url"][len("file://") :]))
-    return dirs
+    return [d for d in dirs if d.is_dir()]
 
 
 def _direct_url() -> dict[str, Any]:
@@ -143,12 +148,6 @@ def _direct_url() -> dict[str, Any]:
     except importlib.metadata.PackageNotFoundError:
         return {}
     return json.loads(text) if text else {}
-
-
-def _installed_commit() -> str | None:
-    """A VCS install records its commit (pip install git+...); a plain one has none to record."""
-    commit = _direct_url().get("vcs_info", {}).get("commit_id")
-    return commit or None
 
 
 def run_metadata(command: str, options: dict[str, Any]) -> dict[str, Any]:

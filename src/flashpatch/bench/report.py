@@ -26,7 +26,7 @@ _METRIC_TITLES = {
     "loss_rel_diff_vs_einsum": "loss rel. diff vs einsum",
     "seq_len": "T",
     "gflop_per_step": "GFLOP (XLA)",
-    "gflop_vs_einsum": "FLOPs vs einsum",
+    "gflop_vs_leanest": "FLOPs vs leanest other",
     "loss_step0": "loss (step 0)",
     "grad_rel_err_vs_f32": "grad rel. err vs float32",
     "loss_rel_err_vs_f32": "loss rel. err vs float32",

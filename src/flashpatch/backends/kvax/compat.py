@@ -76,8 +76,8 @@ def load() -> Kvax:
 
 #: Stacks on which kvax 0.1.0 is known not to work, with the evidence: (jax spec, jax-triton spec,
 #: triton spec, why). Ran on the H100: jax 0.11.2 + jax-triton 0.3.1 + triton 3.6.0. The other rows
-#: come from compiling kvax's kernels to PTX on CPU (tools/kvax_lowering_probe.py, 2026-11-25,
-#: docs/supported-versions.md).
+#: come from compiling kvax's kernels to PTX on CPU (benchmarks/lab/kvax_lowering_probe.py, 2026-11-25;
+#: benchmarks/history/supported-versions.md).
 KNOWN_BAD = (
     ("<0.6", "!=0.2.0", "", "on JAX < 0.6 only jax-triton 0.2.0 installs (0.3 wants JAX >= 0.6)"),
     ("<0.6", "==0.2.0", ">=3.2", "jax-triton 0.2.0 breaks with triton >= 3.2; it needs triton 3.1"),

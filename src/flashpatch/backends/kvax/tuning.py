@@ -1,7 +1,7 @@
 """kvax block sizes, warps and stages per shape, chosen by measurement on an H100.
 
 Each row covers problems up to `max_len` keys; the first row that fits is used. The numbers
-come from `scripts/gpu/kvax_sweep.py` (results and how they ran: benchmarks/results/kvax_sweep*.json).
+come from `benchmarks/lab/gpu/kvax_sweep.py` (the H100 sweeps: benchmarks/history/kvax.md).
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ class Tuning:
 
 
 #: head_dim -> rows ordered by max_len. Forward: the best of 5 candidates through flashpatch at
-#: B=2, T=S=4096 (benchmarks/results/h100-2026-11-25-call2: 128x64w8s3 1.75 ms; 128x64w8s2 1.92;
+#: B=2, T=S=4096 on the H100 (benchmarks/history/kvax.md: 128x64w8s3 1.75 ms; 128x64w8s2 1.92;
 #: kvax's own H100 default 128x128w8s3 3.82; 64x64w4s2 4.34; 128x32w4s2 5.31). Backward at 4096:
 #: 64x128w8s2 13.5 ms fwd+bwd vs 32x32w4s2 13.7 (the sweep ran out of time after two). The backward
 #: choice at <= 2048 keys (32x32w4s2) has not been timed by flashpatch yet: it is a starting point taken
-#: from the kvax probes in ../shared/probes, to be replaced by scripts/gpu/kvax_sweep.py's sweep at B=8, T=1024.
+#: from kvax probes on the H100, to be replaced by benchmarks/lab/gpu/kvax_sweep.py's sweep at B=8, T=1024.
 TABLE: dict[int, tuple[Tuning, ...]] = {
     256: (
         Tuning(2048, Blocks(128, 64, 8, 3), Blocks(32, 32, 4, 2)),
