@@ -249,3 +249,51 @@ def test_openpi_mode_shows_a_broken_backend(tmp_path, use_backend):
     records = json.loads((tmp_path / "results.json").read_text())["records"]
     broken = next(r for r in records if r["variant"] == "xla")
     assert broken["metrics"]["rel_diff_vs_einsum"] > MODEL_TOL, broken["metrics"]
+
+
+def test_plots_read_like_a_paper(tmp_path):
+    """Memory in sensible units on a linear axis when the spread is small, no tick without a point, and a
+    backend that could not run named under its panel with the reason (not silently absent)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from flashpatch.bench import plots
+    from flashpatch.bench.records import Record
+
+    def rec(variant, size, ms, peak, status="ok", reason=None, speedup=None):
+        return Record(
+            "core",
+            "fwd",
+            variant,
+            size,
+            2,
+            status=status,
+            reason=reason,
+            ms=ms,
+            speedup=speedup,
+            memory={"peak": peak} if peak else {},
+        )
+
+    rows = [
+        rec("einsum", 1024, 2.0, 300 * 2**20),
+        rec("xla", 1024, 1.0, 301 * 2**20, speedup=2.0),
+        rec("einsum", 4096, 8.0, 302 * 2**20),
+        rec("xla", 4096, 4.0, 303 * 2**20, speedup=2.0),
+        rec("kvax", 1024, None, None, "unsupported", "kvax runs on gpu, not cpu"),
+        rec("einsum", 16384, None, None, "skipped", "time budget"),
+    ]
+    colors = {v: f"C{i}" for i, v in enumerate(("einsum", "xla", "kvax"))}
+    fig, (speed, mem) = plt.subplots(1, 2)
+    plots._speedup_panel(speed, rows, colors, "fwd")
+    plots._memory_panel(mem, rows, colors, "fwd", None)
+    plots._size_axis(mem, sorted({r.size for r in rows if r.status == "ok"}), "T")
+    plots._not_run(speed, rows)
+    assert mem.get_yscale() == "linear", "a 1% spread must not be drawn on a log axis"
+    assert "MiB" in mem.get_ylabel()
+    assert [t.get_text() for t in mem.get_xticklabels()] == ["1024", "4096"], "a tick for a size with no point"
+    notes = [t.get_text() for t in speed.texts if t.get_text().startswith("not drawn")]
+    assert notes and "kvax (kvax runs on gpu, not cpu)" in notes[0]
+    plt.close(fig)
+    assert plots.write(rows, tmp_path, {"device": {"kind": "cpu", "platform": "cpu"}, "options": {}}) == ["core.png"]

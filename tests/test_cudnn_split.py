@@ -184,9 +184,9 @@ def test_a_wrong_split_fails_the_suite(on_xla, monkeypatch) -> None:
 
 
 def test_fast_path_runs_outside_the_conditional_and_after_it(on_xla) -> None:
-    """Inside a conditional the fast path ran 1.6-1.8x slower on the H100 (run 7), so only the fallback
-    may sit inside `cond`, forward and backward; the fallback warning adds no conditional of its own
-    (0.17 ms per call, run 10); the fallback is rematerialised, so the branch that skips it writes no
+    """Inside a conditional the fast path ran 1.6-1.8x slower on the H100 (benchmarks/history/training-speed.md),
+    so only the fallback may sit inside `cond`, forward and backward; the fallback warning adds no conditional of
+    its own (0.17 ms per call there); the fallback is rematerialised, so the branch that skips it writes no
     residuals beyond placeholders for q, k, v and the mask; and in the forward pass the fast path is
     ordered after the conditional (a barrier on its inputs), since the host waits for all work queued
     before a conditional's predicate."""

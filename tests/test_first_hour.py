@@ -58,6 +58,26 @@ def test_leaving_nested_blocks_out_of_order_leaves_nothing_patched() -> None:
     assert settings.current() is None and not interception.bound_targets()
 
 
+def test_leaving_blocks_out_of_order_leaves_no_stale_jit_key() -> None:
+    """After blocks were left out of order, a function jitted while off must still retrace when enabled."""
+    from patching import ZeroBackend, ran_patched, tiny_attention
+
+    from flashpatch import backends
+
+    tiny = tiny_attention()
+    outer, inner = flashpatch.enable("xla"), flashpatch.enable("reference")
+    outer.__enter__()
+    inner.__enter__()
+    with pytest.raises(RuntimeError):
+        outer.__exit__(None, None, None)
+    inner.__exit__(None, None, None)
+    with backends.override("xla", ZeroBackend()):
+        run = jax.jit(lambda params: tiny(params))
+        assert not ran_patched(run(tiny.params)), "off, yet the patched path ran"
+        with flashpatch.enable("xla"):
+            assert ran_patched(run(tiny.params)), "enabled, yet a stale compiled function ran"
+
+
 def test_verify_reports_inside_flax_scan_on_this_stack() -> None:
     """openpi's Gemma stack is an nn.scan: verify mode must be able to report from inside it."""
     assert verify.works_in_flax_scan(), "verify mode cannot report inside nn.scan with this JAX/flax"

@@ -79,7 +79,9 @@ def render(out: pathlib.Path, sources: list[pathlib.Path] | None = None) -> list
             plot_reruns(records, out / "training-parity-reruns.png")
             written.append(out / "training-parity-reruns.png")
     except ImportError as err:
-        print(f"no PNG ({err}); the JSON is kept: run `python benchmarks/parity/parity_report.py {out}` where matplotlib is")
+        print(
+            f"no PNG ({err}); the JSON is kept: run `python benchmarks/parity/parity_report.py {out}` where matplotlib is"
+        )
     return written
 
 

@@ -63,22 +63,11 @@ def push(settings: Settings | None) -> int:
 
 
 def pop(depth: int) -> None:
-    """Leave the block pushed at `depth`.
-
-    Leaving out of order (an outer block before an inner one) raises, after dropping this block and
-    every block inside it, so that the thread is never left patched by a block that has ended; the
-    inner blocks' own exits are then no-ops.
-    """
+    """Leave the block pushed at `depth` (blocks close innermost first: flashpatch.toggles sees to it)."""
     stack = _stack()
-    if len(stack) < depth:
-        return  # already dropped when an outer block was left out of order
-    out_of_order = len(stack) != depth
-    del stack[depth - 1 :]
-    if out_of_order:
-        raise RuntimeError(
-            "flashpatch: enable()/disable() blocks were left out of order (an outer block ended while an inner "
-            "one was open); both are now closed on this thread. Leave nested blocks innermost first."
-        )
+    if len(stack) != depth:
+        raise RuntimeError(f"flashpatch: settings stack at depth {len(stack)}, asked to leave depth {depth}")
+    stack.pop()
 
 
 def get_default() -> Settings | None:

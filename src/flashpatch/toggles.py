@@ -17,15 +17,57 @@ F = TypeVar("F", bound=Callable[..., Any])
 _default_lock = threading.Lock()
 
 
+class _Block:
+    """One open enable()/disable() block: its hold on the targets, its settings, its jit-cache key."""
+
+    def __init__(self, new: Settings | None):
+        self.stack = contextlib.ExitStack()
+        interception.acquire()
+        self.stack.callback(interception.release)
+        depth = settings.push(new)
+        self.stack.callback(settings.pop, depth)
+        self.stack.enter_context(jit_cache.keyed(new.cache_key if new else "off"))
+
+
+_open = threading.local()
+
+
+def _blocks() -> list[_Block]:
+    blocks = getattr(_open, "blocks", None)
+    if blocks is None:
+        blocks = _open.blocks = []
+    return blocks
+
+
 @contextlib.contextmanager
 def _activate(new: Settings | None) -> Iterator[Settings | None]:
-    with contextlib.ExitStack() as stack:
-        interception.acquire()
-        stack.callback(interception.release)
-        depth = settings.push(new)
-        stack.callback(settings.pop, depth)
-        stack.enter_context(jit_cache.keyed(new.cache_key if new else "off"))
+    block = _Block(new)
+    _blocks().append(block)
+    try:
         yield new
+    finally:
+        _close(block)
+
+
+def _close(block: _Block) -> None:
+    """Close `block` and, if it is not the innermost, every block opened inside it, innermost first.
+
+    Each block restores what it found when it opened, so closing in that order leaves the thread exactly as
+    it was before `block` (settings, jit-cache key, patched classes), however the blocks were left.
+    """
+    blocks = _blocks()
+    if block not in blocks:
+        return  # already closed, when a block around it was left first
+    index = blocks.index(block)
+    inner = blocks[index + 1 :]
+    del blocks[index:]
+    for open_block in reversed([block, *inner]):
+        open_block.stack.close()
+    if inner:
+        raise RuntimeError(
+            "flashpatch: enable()/disable() blocks were left out of order (an outer block ended while an inner "
+            "one was open); both are now closed on this thread. Leave nested blocks innermost first."
+        )
 
 
 def enable(backend: str = "auto", *, verify: bool = False) -> contextlib.AbstractContextManager[Settings]:

@@ -177,6 +177,7 @@ def main(argv: Sequence[str] | None = None, stream: TextIO = sys.stdout) -> int:
 
     from flashpatch.bench.harness import Harness
     from flashpatch.bench.records import run_metadata
+
     try:
         import optax  # noqa: F401 - the training steps' optimizer (flashpatch[bench])
     except ModuleNotFoundError:

@@ -1,0 +1,66 @@
+"""How much of the einsum-to-ceiling gap any attention kernel could take, at the H200's peak matmul rate.
+
+The ceiling (flashpatch/bench/ceiling.py) removes every attention FLOP. So a patched step can approach it
+only as fast as attention's useful FLOPs run: per layer openpi's remat computes the forward twice and the
+backward once (2.5x a forward), 18 layers. The masks are the benchmark's own (flashpatch.bench.scenarios.openpi
+.fill_batch, seed 0: prompts padded to random lengths, the second camera missing in every third row), rebuilt
+here from the same random draws for openpi's shapes (3 cameras x 256 SigLIP tokens, 224 x 224 images).
+
+    python benchmarks/lab/attention_bound.py     # prints the table in ../results/h200-2026-12-01-attention-bound
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+PEAK_TFLOPS = 790.0  # bf16 8192^3 matmul on random data, measured on an H200 of this workplace (device KINDS.md)
+HEADS, HEAD_DIM, LAYERS = 8, 256, 18
+#: (workload, batch, prompt tokens, pi0.5, einsum ms, ceiling ms, target share) from ../results/h200-2026-12-01-openpi-*
+RUNS = [
+    ("pi0 training step, B=32", 32, 48, False, 984.3, 867.8, 0.85),
+    ("pi0.5 training step, B=32", 32, 200, True, 1156.7, 993.2, 0.85),
+    ("pi0 training step, B=4, prompt 3328", 4, 3328, False, 855.0, 461.0, 0.95),
+]
+
+
+def attended_pairs(batch: int, tokens: int, pi05: bool) -> int:
+    """(query, key) pairs one attention layer computes, over the batch, for one head."""
+    rng = np.random.default_rng(0)
+    for _ in range(3):  # fill_batch draws the three images first
+        rng.uniform(-1, 1, (batch, 224, 224, 3))
+    camera = np.arange(batch) % 3 != 2
+    lengths = rng.integers(max(1, tokens // 4), tokens + 1, batch)
+    suffix = 50 if pi05 else 51
+    total = 0
+    for b in range(batch):
+        prompt = np.arange(tokens) < lengths[b]
+        prefix = np.concatenate([np.ones(256, bool), np.full(256, camera[b]), np.ones(256, bool), prompt])
+        valid = np.concatenate([prefix, np.ones(suffix, bool)])
+        starts = np.zeros(len(valid), bool)
+        starts[len(prefix)] = True  # pi0: the state token's block, then the actions'; pi0.5: the actions' block
+        if not pi05:
+            starts[len(prefix) + 1] = True
+        block = np.cumsum(starts)
+        total += int(((block[None, :] <= block[:, None]) & valid[None, :] & valid[:, None]).sum())
+    return total
+
+
+def main() -> None:
+    print(
+        f"| workload | attention TFLOP per step | at {PEAK_TFLOPS:.0f} TFLOP/s | einsum - ceiling | best share | "
+        "target | rate the target needs |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for name, batch, tokens, pi05, einsum, ceiling, target in RUNS:
+        flops = LAYERS * 4.5 * 4 * HEAD_DIM * HEADS * attended_pairs(batch, tokens, pi05)
+        at_peak = flops / (PEAK_TFLOPS * 1e12) * 1e3
+        gap = einsum - ceiling
+        needed = flops / ((1 - target) * gap * 1e-3) / 1e12
+        print(
+            f"| {name} | {flops / 1e12:.1f} | {at_peak:.1f} ms | {gap:.1f} ms | {(gap - at_peak) / gap:.1%} | "
+            f"{target:.0%} | {needed:.0f} TFLOP/s ({needed / PEAK_TFLOPS:.0%} of peak) |"
+        )
+
+
+if __name__ == "__main__":
+    main()
