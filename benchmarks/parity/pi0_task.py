@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flashpatch.testing import gemma
+from flashpatch.testing.models import make_attn_mask, posemb_sincos
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,22 +161,6 @@ jax.tree_util.register_dataclass(
     data_fields=["camera_maps", "state_map", "action_maps"],
     meta_fields=["layout", "obs_noise", "missing_camera_rate"],
 )
-
-
-def make_attn_mask(input_mask: jax.Array, ar_mask: jax.Array) -> jax.Array:
-    """openpi's mask: i attends j iff both are valid and cumsum(ar)[j] <= cumsum(ar)[i]."""
-    ar_mask = jnp.broadcast_to(ar_mask, input_mask.shape)
-    block = jnp.cumsum(ar_mask, axis=1)
-    causal = block[:, None, :] <= block[:, :, None]
-    return causal & input_mask[:, None, :] & input_mask[:, :, None]
-
-
-def posemb_sincos(pos: jax.Array, dim: int, min_period: float, max_period: float) -> jax.Array:
-    """Sine-cosine embedding of scalar positions (pi0 embeds the flow-matching time with it)."""
-    fraction = jnp.linspace(0.0, 1.0, dim // 2)
-    period = min_period * (max_period / min_period) ** fraction
-    angle = jnp.einsum("i,j->ij", pos, 2 * jnp.pi / period, precision=jax.lax.Precision.HIGHEST)
-    return jnp.concatenate([jnp.sin(angle), jnp.cos(angle)], axis=-1)
 
 
 class Pi0Like(nn.Module):

@@ -66,6 +66,14 @@ class PatchEmbed(nnx.Module):
         return self.proj(patches).astype(self.dtype)
 
 
+def _embed_images(embed: PatchEmbed, obs: Observation) -> tuple[list[jax.Array], list[jax.Array]]:
+    """Each camera's image tokens and their validity (the camera's mask, per token), in the images' order."""
+    tokens = [embed(image) for image in obs.images.values()]
+    masks = [obs.image_masks[name] for name in obs.images]
+    valid = [jnp.broadcast_to(mask[:, None], t.shape[:2]) for mask, t in zip(masks, tokens, strict=True)]
+    return tokens, valid
+
+
 def _fake_images(names: tuple[str, ...], batch: int, size: int) -> tuple[dict, dict]:
     images = {name: jnp.zeros((batch, size, size, 3), jnp.float32) for name in names}
     return images, {name: jnp.ones((batch,), jnp.bool_) for name in names}
@@ -134,12 +142,8 @@ class Pi0(nnx.Module):
         self.action_out_proj = nnx.Linear(width, config.action_dim, rngs=rngs)
 
     def embed_prefix(self, obs: Observation) -> tuple[jax.Array, jax.Array, jax.Array]:
-        tokens, valid, ar = [], [], []
-        for name in obs.images:
-            image_tokens = self.PaliGemma.img(obs.images[name])
-            tokens.append(image_tokens)
-            valid.append(jnp.broadcast_to(obs.image_masks[name][:, None], image_tokens.shape[:2]))
-            ar += [False] * image_tokens.shape[1]
+        tokens, valid = _embed_images(self.PaliGemma.img, obs)
+        ar = [False] * sum(t.shape[1] for t in tokens)
         if obs.tokenized_prompt is not None:
             tokens.append(self.PaliGemma.llm(obs.tokenized_prompt, method="embed"))
             valid.append(obs.tokenized_prompt_mask)
@@ -258,12 +262,8 @@ class Pi0FAST(nnx.Module):
         self.PaliGemma = nnx.Dict(llm=llm, img=PatchEmbed(variant["width"], config.dtype, rngs))
 
     def embed_inputs(self, obs: Observation) -> tuple[jax.Array, jax.Array, jax.Array]:
-        tokens, valid, ar = [], [], []
-        for name in obs.images:
-            image_tokens = self.PaliGemma.img(obs.images[name])
-            tokens.append(image_tokens)
-            valid.append(jnp.broadcast_to(obs.image_masks[name][:, None], image_tokens.shape[:2]))
-            ar.append(jnp.zeros(image_tokens.shape[:2], jnp.int32))
+        tokens, valid = _embed_images(self.PaliGemma.img, obs)
+        ar = [jnp.zeros(t.shape[:2], jnp.int32) for t in tokens]
         tokens.append(self.PaliGemma.llm(obs.tokenized_prompt, embed_only=True))
         valid.append(obs.tokenized_prompt_mask)
         ar.append(obs.token_ar_mask)

@@ -124,6 +124,7 @@ class Built:
             model = config.create(jax.random.key(seed))
         self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
         self.params = _fill_zeros(params, seed)
+        self.action_horizon = config.action_horizon
 
     def merged(self, params, graphdef=None):
         from flax import nnx
@@ -178,8 +179,12 @@ def sequence_length(built: Built, batch: Batch, case: Case) -> int:
     prefix = jax.eval_shape(prefix_of, built.params, batch.leaves).shape[1]
     if case.model == "pi0_fast" or case.kind == "sample":
         return prefix
-    horizon = built.merged(built.params).action_horizon
-    return prefix + horizon + (0 if case.model == "pi05" else 1)
+    return prefix + built.action_horizon + (0 if case.model == "pi05" else 1)
+
+
+def _sequence_lazy(built: Lazy, data: Lazy, case: Case) -> Lazy:
+    """The case's sequence length, traced once for all its variants."""
+    return Lazy(lambda: sequence_length(built.get(), data.get(), case))
 
 
 def _flops(compiled) -> float | None:
@@ -192,7 +197,7 @@ def _flops(compiled) -> float | None:
     return float(flops) if flops else None
 
 
-def _train_body(harness: Harness, variant: Variant, case: Case, built: Lazy, data: Lazy, grads: Lazy):
+def _train_body(harness: Harness, variant: Variant, case: Case, built: Lazy, data: Lazy, grads: Lazy, seq: Lazy):
     o = harness.options
 
     def body(rec: Record) -> None:
@@ -223,7 +228,7 @@ def _train_body(harness: Harness, variant: Variant, case: Case, built: Lazy, dat
             losses.append(loss)
             return loss, state
 
-        rec.metrics["seq_len"] = sequence_length(model, batch, case)
+        rec.metrics["seq_len"] = seq.get()
         result = harness.time(rec, "step", call, group_small_calls=False)
         if not all(np.isfinite(float(x)) for x in losses):
             raise FloatingPointError("training loss became NaN or inf")
@@ -291,7 +296,7 @@ def _to_bf16(p: jax.Array) -> jax.Array:
     return p.astype(jnp.bfloat16) if jnp.issubdtype(p.dtype, jnp.floating) else p
 
 
-def _sample_body(harness: Harness, variant: Variant, case: Case, built: Lazy, data: Lazy):
+def _sample_body(harness: Harness, variant: Variant, case: Case, built: Lazy, data: Lazy, seq: Lazy):
     def body(rec: Record) -> None:
         model, batch = built.get(), data.get()
         params = jax.tree.map(_to_bf16, model.params)
@@ -308,7 +313,7 @@ def _sample_body(harness: Harness, variant: Variant, case: Case, built: Lazy, da
         rngs = [jax.random.key(harness.options.seed + i) for i in range(harness.options.input_sets)]
         leaves = batch.leaves
         compiled = harness.compile(rec, variant, sample, params, leaves, rngs[0], context=variant.model_context())
-        rec.metrics["seq_len"] = sequence_length(model, batch, case)
+        rec.metrics["seq_len"] = seq.get()
         result = harness.time(rec, "sample", lambda i: compiled(params, leaves, rngs[i % len(rngs)]))
         rec.ms = result.median_ms
         out = compiled(params, leaves, rngs[0])
@@ -332,11 +337,12 @@ def run(harness: Harness) -> None:
             built = Lazy(functools.partial(Built, _config(models, case, "bfloat16"), o.seed))
             data = Lazy(functools.partial(fill_batch, _config(models, case, "bfloat16"), case.batch, o.seed))
             grads = Lazy(functools.partial(_float32_grads, models, case, built, data, o.seed))
+            seq = _sequence_lazy(built, data, case)
             for variant in variants:
                 if case.kind == "train":
-                    body = _train_body(harness, variant, case, built, data, grads)
+                    body = _train_body(harness, variant, case, built, data, grads, seq)
                 else:
-                    body = _sample_body(harness, variant, case, built, data)
+                    body = _sample_body(harness, variant, case, built, data, seq)
                 harness.run_case("openpi", case.name, variant, _prompt(models, case), case.batch, body)
             built.drop()
             data.drop()
@@ -390,7 +396,9 @@ def fit(harness: Harness, models, variants: list[Variant]) -> None:
         built = Lazy(functools.partial(Built, _config(models, case, "bfloat16"), o.seed))
         data = Lazy(functools.partial(fill_batch, _config(models, case, "bfloat16"), case.batch, o.seed))
         for variant in variants:
-            body = _train_body(harness, variant, case, built, data, Lazy(lambda: None))
+            body = _train_body(
+                harness, variant, case, built, data, Lazy(lambda: None), _sequence_lazy(built, data, case)
+            )
             harness.run_case("openpi", "fit", variant, prompt, case.batch, body)
         built.drop()
         data.drop()
