@@ -14,9 +14,10 @@ from pathlib import Path
 import jax.numpy as jnp
 import pytest
 
-from flashpatch.bench import cli, memory, timing
+from flashpatch.bench import cli, memory, report, timing
 from flashpatch.bench.harness import Harness, Variant
 from flashpatch.bench.options import QUICK, Options
+from flashpatch.bench.records import Record
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -150,6 +151,44 @@ def test_out_of_memory_ends_a_ladder_and_errors_fail_the_run():
     assert "ZeroDivisionError" in broken.reason
     assert memory.is_out_of_memory(RuntimeError("CUDA_ERROR_OUT_OF_MEMORY: out of memory"))
     assert not memory.is_out_of_memory(ValueError("shapes do not match"))
+
+
+def test_an_out_of_memory_while_autotuning_is_reported_as_the_allocation_that_failed():
+    # As XLA raised it on the H200 for the einsum at T=16435 (benchmarks/results/h200-2026-12-01-openpi-fit).
+    error = RuntimeError(
+        "NOT_FOUND: Failed to get configs for: 2 out of 444 instructions. See logs for all failures.\n"
+        "  %constant.1375.26 = f32[] constant(0)\n"
+        "}. Status: RESOURCE_EXHAUSTED: Out of memory while trying to allocate 32.21GiB with allocator GPU_0_bfc.\n"
+        "external/xla+/xla/service/gpu/autotuning/redzone_buffers.cc:107"
+    )
+    harness = Harness(Options(), timing.Budget(100, {"x": 1}), stream=io.StringIO())
+    harness.budget.begin("x")
+
+    def oom(rec):
+        raise error
+
+    rec = harness.run_case("openpi", "fit", Variant("einsum"), 15616, 4, oom)
+    assert rec.status == "oom"
+    assert rec.reason.startswith("Out of memory while trying to allocate 32.21GiB"), rec.reason
+    assert rec.reason.endswith("(while XLA autotuned the compile)") and "NOT_FOUND" not in rec.reason
+
+
+def test_the_fit_line_names_prompt_and_sequence_length_per_ladder():
+    def rec(scenario, case, variant, size, status="ok", seq=None):
+        return Record(scenario, case, variant, size, 4, status=status, metrics={"seq_len": seq} if seq else {})
+
+    records = [
+        rec("openpi", "fit", "einsum", 7424, seq=8243),
+        rec("openpi", "fit", "auto", 7424, seq=8243),
+        rec("openpi", "fit", "einsum", 15616, status="oom"),
+        rec("openpi", "fit", "auto", 15616, seq=16435),
+        rec("gemma", "train", "einsum", 1024),
+        rec("gemma", "train", "einsum", 2048, status="oom"),
+    ]
+    texts = {(f["scenario"], f["variant"]): report.fit_text(f) for f in report.fits(records)}
+    assert texts[("openpi", "einsum")] == "prompt 7424 (T=8243), out of memory at prompt 15616"
+    assert texts[("openpi", "auto")] == "prompt 15616 (T=16435) (the largest size tried; a lower bound)"
+    assert texts[("gemma", "einsum")] == "T 1024, out of memory at T 2048"  # its own ladder, not openpi's
 
 
 def test_budget_shares_time_by_weight_and_passes_leftovers_on():

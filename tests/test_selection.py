@@ -34,7 +34,10 @@ def h100(monkeypatch):
         ((1, 1024, 1024), "reference"),  # pi0 prefix prefill at inference
         ((2, 1024, 1024), "reference"),  # 2**24 pairs
         ((4, 1024, 1024), "cudnn"),  # 2**25 pairs: training at T=1024
-        ((8, 1024, 1024), "cudnn"),
+        ((8, 1024, 1024), "cudnn"),  # 2**26
+        ((8, 867, 867), "cudnn"),  # openpi's pi0 training at batch 8
+        ((16, 870, 870), "cudnn"),  # just under 3 * 2**25
+        ((8, 1280, 1280), "cudnn_split"),  # just over 3 * 2**25
         ((32, 870, 870), "cudnn_split"),  # openpi's training batch
         ((2, 4096, 4096), "cudnn_split"),
     ],
@@ -52,6 +55,18 @@ def test_without_cudnn_the_next_backend_runs_and_the_reason_says_why(h100) -> No
     choice = selection.choose("auto", _gpu_problem(32, 870, 870))
     assert choice.backend == "xla", choice  # kvax does not import without a GPU JAX either
     assert "passed over: cudnn_split (" in choice.reason and "only on Hopper or newer" in choice.reason
+
+
+def test_between_the_thresholds_without_cudnn_the_einsum_runs(h100) -> None:
+    h100(capability=(8, 9))  # Ada: neither cuDNN path; xla measured slower than the einsum in this band
+    choice = selection.choose("auto", _gpu_problem(8, 1024, 1024))
+    assert choice.backend == "reference", choice
+    assert "passed over: cudnn (" in choice.reason and "cudnn_split (" in choice.reason
+
+
+def test_the_split_threshold_sits_between_the_measured_shapes() -> None:
+    band, split = selection.pairs(_gpu_problem(8, 1024, 1024)), selection.pairs(_gpu_problem(8, 1280, 1280))
+    assert selection.GPU_MIN_PAIRS_FOR_FLASH < band < selection.GPU_MIN_PAIRS_FOR_SPLIT <= split
 
 
 def test_cpu_rules() -> None:

@@ -20,10 +20,11 @@ from flashpatch.backends.base import Problem
 #: key) pairs per head the blockwise path is chosen for its O(T) memory (benchmarks/results/cpu-2026-11-25).
 CPU_MIN_PAIRS_FOR_XLA = 1536 * 1536
 #: On the GPU, (query, key) pairs over batch and heads (B * N * T * S) below which the einsum is as fast
-#: as any flash path (their fixed costs dominate), and from which cudnn_split is the fastest. Measured
-#: with 8/1 heads and head_dim 256 (docs/benchmarks.md, "How auto chooses").
+#: as any flash path (their fixed costs dominate), and from which cudnn_split is the fastest in training.
+#: Measured on the H200 with 8/1 heads and head_dim 256 (benchmarks/results/h200-2026-12-01-core-b2, -core-b8,
+#: -core-b32; docs/benchmarks.md, "How auto chooses").
 GPU_MIN_PAIRS_FOR_FLASH = 2**25
-GPU_MIN_PAIRS_FOR_SPLIT = 2**27
+GPU_MIN_PAIRS_FOR_SPLIT = 3 * 2**25
 
 
 def pairs(p: Problem) -> int:
@@ -46,40 +47,43 @@ class Rule:
 
 
 #: Where each GPU rule's numbers come from: openpi's shapes (bf16, 8 q heads, 1 kv head, head_dim 256).
-_H200_OPENPI = "benchmarks/results/h200-2026-12-01-openpi-*"
-_H200_CORE = "benchmarks/results/h200-2026-12-01-core-b32"
-_H100 = "H100, docs/benchmarks.md 'H100 measurements'"
+_H200 = "benchmarks/results/h200-2026-12-01-"
+_H100 = "H100, benchmarks/history/selection-h100.md"
 RULES: tuple[Rule, ...] = (
     Rule(
         "gpu",
         lambda p: p.q_len == 1,
         ("reference",),
         "one-token decode: openpi's pi0-FAST sample_actions on the H200 takes 295 ms on the einsum "
-        f"({_H200_OPENPI.replace('*', 'pi05')}); every flash path was slower per decoded token ({_H100}: 18-layer "
-        "decode at cache 1024 / 4096, einsum 5.55 / 5.78 ms per token, cudnn 6.71 / 9.55)",
+        f"({_H200}openpi-pi05); every flash path was slower per decoded token ({_H100}: 18-layer decode at cache "
+        "1024 / 4096, einsum 5.55 / 5.78 ms per token, cudnn 6.71 / 9.55)",
     ),
     Rule(
         "gpu",
         lambda p: pairs(p) < GPU_MIN_PAIRS_FOR_FLASH,
         ("reference",),
-        "fewer than 2**25 (query, key) pairs over batch and heads, where fixed costs dominate: openpi's pi0 and pi0.5 "
-        f"sample_actions at batch 1 run 33.8 / 37.5 ms on the einsum on the H200 ({_H200_OPENPI.replace('*', 'pi0')}); "
-        f"{_H100}: B=2 T=S=1024 einsum 0.186 / 0.628 ms fwd / fwd+bwd, cudnn 0.192 / 0.634",
+        "fewer than 2**25 (query, key) pairs over batch and heads, where fixed costs dominate: on the H200, B=2 T=S=1024 "
+        f"einsum 0.167 / 0.536 ms fwd / fwd+bwd, cudnn 0.301 / 0.541, cudnn_split 0.436 / 0.965 ({_H200}core-b2); "
+        f"openpi's pi0 and pi0.5 sample_actions at batch 1 run 33.8 / 37.5 ms on the einsum ({_H200}openpi-pi0)",
     ),
     Rule(
         "gpu",
         lambda p: pairs(p) >= GPU_MIN_PAIRS_FOR_SPLIT,
         ("cudnn_split", "cudnn", "kvax", "xla"),
-        "at least 2**27 (query, key) pairs over batch and heads: on the H200, B=32 T=S=870 fwd+bwd cudnn_split 1.72x "
-        f"the einsum, cudnn 1.26x ({_H200_CORE}); openpi's pi0 training step at batch 4, T=4147: cudnn_split 1.60x, "
-        f"cudnn 1.26x ({_H200_OPENPI.replace('*', 'long')})",
+        "at least 3 * 2**25 (query, key) pairs over batch and heads: on the H200, fwd+bwd cudnn_split / cudnn against "
+        f"the einsum: B=8 T=S=1280 1.37x / 1.08x ({_H200}core-b8), B=2 T=S=3072 2.09x / 1.29x ({_H200}core-b2), "
+        f"B=32 T=S=870 1.72x / 1.26x ({_H200}core-b32); openpi's pi0 training step at batch 4, T=4147: "
+        f"1.60x / 1.26x ({_H200}openpi-long)",
     ),
     Rule(
         "gpu",
         lambda p: True,
-        ("cudnn", "cudnn_split", "kvax", "xla"),
-        f"2**25 to 2**27 (query, key) pairs over batch and heads: {_H100}: 18-layer pi0 training step B=4 T=1024 "
-        "cudnn 1.10x the einsum, cudnn_split 1.09x; B=8 T=S=1024 fwd+bwd cudnn 1.14x (not yet measured on the H200)",
+        ("cudnn", "cudnn_split"),
+        "2**25 to 3 * 2**25 (query, key) pairs over batch and heads: on the H200, fwd / fwd+bwd cudnn against the "
+        f"einsum: B=2 T=S=1536 1.06x / 1.18x, B=2 T=S=2048 1.21x / 1.23x ({_H200}core-b2), B=8 T=S=1024 "
+        f"1.13x / 1.16x, B=8 T=S=768 1.23x / 0.92x ({_H200}core-b8); openpi's pi0 training step at batch 8: cudnn "
+        f"1.04x, cudnn_split 1.04x ({_H200}openpi-band). Where neither runs, the einsum: xla ran 0.64-0.93x of it "
+        f"here, and kvax's backward at head_dim 256 is slower than the einsum ({_H100})",
     ),
     Rule(
         "cpu",

@@ -29,10 +29,12 @@ for step in "$@"; do
     train_pi0) bench train_pi0 560 "${openpi[@]}" --backends auto --openpi-cases pi0_train,pi0_sample,pi05_sample --budget-s 520 ;;
     train_pi05) bench train_pi05 560 "${openpi[@]}" --backends auto --openpi-cases pi05_train,pi0_fast_sample --budget-s 520 ;;
     train_long) bench train_long 400 "${openpi[@]}" --backends auto,cudnn --openpi-cases pi0_long_train --budget-s 360 ;;
-    core_b2) bench core_b2 200 --scenarios core --core-batch 2 --core-sizes 1024,1536,2048,3072,4096 --backends cudnn,cudnn_split,auto --budget-s 180 ;;
+    core_b2) bench core_b2 230 --scenarios core --core-batch 2 --core-sizes 1024,1536,2048,3072,4096 --backends cudnn,cudnn_split,xla,auto --budget-s 200 ;;
     core_b32) bench core_b32 120 --scenarios core --core-batch 32 --core-sizes 870 --backends cudnn,cudnn_split,auto --budget-s 100 ;;
-    core_b8) bench core_b8 120 --scenarios core --core-batch 8 --core-sizes 1024 --backends cudnn,cudnn_split,auto --budget-s 100 ;;
-    fit) bench fit 560 "${openpi[@]}" --backends auto --openpi-cases pi0_fit --repeats 2 --budget-s 520 ;;
+    core_b8) bench core_b8 170 --scenarios core --core-batch 8 --core-sizes 768,1024,1280 --backends cudnn,cudnn_split,xla,auto --budget-s 140 ;;
+    band_pi0) bench band_pi0 560 "${openpi[@]}" --backends cudnn,cudnn_split,xla,auto --openpi-cases pi0_train --openpi-batch 8 --budget-s 520 ;;
+    backends_b32) bench backends_b32 450 "${openpi[@]}" --backends cudnn,xla --openpi-cases pi0_train --no-openpi-grad-check --budget-s 400 ;;
+    fit) bench fit 585 "${openpi[@]}" --backends auto --openpi-cases pi0_fit --openpi-fit-prompts 7424,15616,31744 --repeats 2 --budget-s 470 ;;
     *) echo "unknown step $step" ;;
   esac
 done

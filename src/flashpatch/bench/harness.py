@@ -141,11 +141,10 @@ class Harness:
             rec.status, rec.reason = "unsupported", str(err)
         except Exception as err:
             if memory.is_out_of_memory(err):
-                rec.status = "oom"
+                rec.status, rec.reason = "oom", memory.out_of_memory_reason(err)
                 self._out_of_memory_at[(rec.scenario, rec.case, rec.variant)] = rec.size
             else:
-                rec.status = "error"
-            rec.reason = _short(err)
+                rec.status, rec.reason = "error", _short(err)
         finally:
             gc.collect()
 

@@ -88,3 +88,20 @@ def is_out_of_memory(error: BaseException) -> bool:
     """XLA's out-of-memory errors, at compile time or run time (XlaRuntimeError / JaxRuntimeError)."""
     text = str(error)
     return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+def out_of_memory_reason(error: BaseException) -> str:
+    """The line of an out-of-memory error that says what did not fit.
+
+    XLA can run out while autotuning at compile time; its error then opens with a line about missing
+    kernel configurations, and the allocation that failed comes far below it.
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines:
+        low = line.lower()
+        if "out of memory" in low or "resource_exhausted" in low:
+            marker = line.find("RESOURCE_EXHAUSTED:")
+            said = line[marker + len("RESOURCE_EXHAUSTED:") :].strip() if marker >= 0 else line
+            stage = " (while XLA autotuned the compile)" if any("autotun" in x.lower() for x in lines) else ""
+            return f"{said[:240]}{stage}"
+    return lines[0][:240] if lines else type(error).__name__

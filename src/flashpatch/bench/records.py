@@ -33,6 +33,9 @@ CONVENTIONS = {
     "ceiling": "openpi mode: the same step with the attention core replaced by O(B*S*H) work that reads every "
     "key and value of every row (flashpatch/bench/ceiling.py): what the step would cost if attention were free",
     "ceiling_share": "(einsum ms - variant ms) / (einsum ms - ceiling ms): the share of the possible gain taken",
+    "gflop_per_step": "openpi mode: XLA's cost analysis of the compiled step. It counts no FLOPs for cuDNN's "
+    "fused attention, and its count of the other matmuls depends on the kernels XLA's autotuner picked, so it is "
+    "compared only between variants of one process (the ceiling's dead-code check)",
     "grad_rel_err_vs_f32": "openpi mode: ||grads - float32 model's grads|| / ||float32 grads|| over all parameters "
     "at step 0, same parameters and batch (the einsum's own bf16 error is the yardstick)",
 }

@@ -73,18 +73,21 @@ def groups(records: Sequence[Record]) -> dict[tuple[str, str], list[Record]]:
 
 
 def fits(records: Sequence[Record]) -> list[dict[str, Any]]:
-    """Per variant: the largest training T that ran, and what happened at the next one tried."""
+    """Per training ladder and variant: the largest size that ran, and what happened at the next one tried."""
     train = [r for r in records if r.group in (("gemma", "train"), ("openpi", "fit"))]
     out = []
-    for variant in dict.fromkeys(r.variant for r in train):
-        rows = sorted((r for r in train if r.variant == variant), key=lambda r: r.size)
-        ok = [r.size for r in rows if r.status == "ok"]
-        beyond = next((r for r in rows if r.status != "ok" and (not ok or r.size > max(ok))), None)
+    for scenario, variant in dict.fromkeys((r.scenario, r.variant) for r in train):
+        rows = sorted((r for r in train if (r.scenario, r.variant) == (scenario, variant)), key=lambda r: r.size)
+        largest = max((r for r in rows if r.status == "ok"), key=lambda r: r.size, default=None)
+        beyond = next((r for r in rows if r.status != "ok" and (largest is None or r.size > largest.size)), None)
         out.append(
             {
+                "scenario": scenario,
                 "variant": variant,
                 "batch": rows[0].batch,
-                "largest_ok": max(ok) if ok else None,
+                "label": size_label(scenario),
+                "largest_ok": largest.size if largest else None,
+                "largest_seq_len": largest.metrics.get("seq_len") if largest else None,
                 "next_size": beyond.size if beyond else None,
                 "next_status": beyond.status if beyond else None,
                 "next_reason": beyond.reason if beyond else None,
@@ -97,13 +100,19 @@ def fit_text(fit: dict[str, Any]) -> str:
     largest = fit["largest_ok"]
     if largest is None and fit["next_status"] in ("skipped", "unsupported"):
         return f"not measured ({fit['next_status']}: {fit['next_reason']})"
-    text = f"{largest}" if largest is not None else "none"
+    label = fit.get("label", "T")
+    if largest is None:
+        text = "none"
+    elif label != "T" and fit.get("largest_seq_len"):
+        text = f"{label} {largest} (T={int(fit['largest_seq_len'])})"
+    else:
+        text = f"{label} {largest}"
     if fit["next_status"] == "oom":
-        text += f" (out of memory at {fit['next_size']})"
+        text += f", out of memory at {label} {fit['next_size']}"
     elif fit["next_status"] == "skipped":
-        text += f" (not run from {fit['next_size']} up: {fit['next_reason'].split(':')[0]}; a lower bound)"
+        text += f" (not run from {label} {fit['next_size']} up: {fit['next_reason'].split(':')[0]}; a lower bound)"
     elif fit["next_status"] is not None:
-        text += f" ({fit['next_status']} at {fit['next_size']}; a lower bound)"
+        text += f" ({fit['next_status']} at {label} {fit['next_size']}; a lower bound)"
     else:
         text += " (the largest size tried; a lower bound)"
     return text
@@ -129,7 +138,9 @@ def summary(records: Sequence[Record], fit_rows: Sequence[dict[str, Any]]) -> st
         for variant in dict.fromkeys(r.variant for r in recs):
             lines.append(f"  {variant:<18}" + "".join(f"{_cell(by_key.get((variant, s))):>18}" for s in sizes))
     if fit_rows:
-        lines.append("largest training T that fits: " + "; ".join(f"{f['variant']} {fit_text(f)}" for f in fit_rows))
+        lines.append(
+            "largest training size that fits: " + "; ".join(f"{f['variant']} {fit_text(f)}" for f in fit_rows)
+        )
     late = [r for r in records if r.status == "skipped" and (r.reason or "").startswith("time budget")]
     if late:
         names = ",".join(dict.fromkeys(r.scenario for r in late))
@@ -214,10 +225,10 @@ def markdown(
             "",
             "## Largest size that trains (fixture Gemma: T at train_batch; openpi: prompt at openpi_long_batch)",
             "",
-            "| variant | largest T that ran |",
-            "|---|---|",
+            "| ladder | variant | batch | largest that ran |",
+            "|---|---|---|---|",
         ]
-        lines += [f"| {f['variant']} | {fit_text(f)} |" for f in fit_rows]
+        lines += [f"| {f['scenario']} | {f['variant']} | {f['batch']} | {fit_text(f)} |" for f in fit_rows]
     if images:
         lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in images]
     return "\n".join(lines) + "\n"
