@@ -62,9 +62,10 @@ RULES: tuple[Rule, ...] = (
         "gpu",
         lambda p: pairs(p) < GPU_MIN_PAIRS_FOR_FLASH,
         ("reference",),
-        "fewer than 2**25 (query, key) pairs over batch and heads, where fixed costs dominate: on the H200, B=2 T=S=1024 "
-        f"einsum 0.167 / 0.536 ms fwd / fwd+bwd, cudnn 0.301 / 0.541, cudnn_split 0.436 / 0.965 ({_H200}core-b2); "
-        f"openpi's pi0 and pi0.5 sample_actions at batch 1 run 33.8 / 37.5 ms on the einsum ({_H200}openpi-pi0)",
+        "fewer than 2**25 (query, key) pairs over batch and heads, where fixed costs dominate: on the H200, "
+        "B=2 T=S=1024 einsum 0.167 / 0.536 ms fwd / fwd+bwd, cudnn 0.301 / 0.541, cudnn_split 0.436 / 0.965 "
+        f"({_H200}core-b2); openpi's pi0 and pi0.5 sample_actions at batch 1 run 33.8 / 37.5 ms on the einsum "
+        f"({_H200}openpi-pi0)",
     ),
     Rule(
         "gpu",

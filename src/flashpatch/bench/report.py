@@ -138,9 +138,7 @@ def summary(records: Sequence[Record], fit_rows: Sequence[dict[str, Any]]) -> st
         for variant in dict.fromkeys(r.variant for r in recs):
             lines.append(f"  {variant:<18}" + "".join(f"{_cell(by_key.get((variant, s))):>18}" for s in sizes))
     if fit_rows:
-        lines.append(
-            "largest training size that fits: " + "; ".join(f"{f['variant']} {fit_text(f)}" for f in fit_rows)
-        )
+        lines.append("largest training size that fits: " + "; ".join(f"{f['variant']} {fit_text(f)}" for f in fit_rows))
     late = [r for r in records if r.status == "skipped" and (r.reason or "").startswith("time budget")]
     if late:
         names = ",".join(dict.fromkeys(r.scenario for r in late))
