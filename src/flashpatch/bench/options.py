@@ -64,7 +64,9 @@ class Options:
     openpi_long_batch: int = 4
     openpi_long_prompt: int = 3328  # pi0 with 3 cameras: T = 768 + 3328 + 51 = 4147
     openpi_grad_check: bool = True  # step-0 loss and gradients against the float32 model
-    openpi_fit_prompts: tuple[int, ...] = (3328, 7424, 15616)  # pi0_fit's rungs: T = 768 + prompt + 51
+    #: pi0_fit's rungs, T = 768 + prompt + 51: on the H200 the einsum stops between the first two, flashpatch
+    #: runs all three (benchmarks/results/h200-2026-12-01-openpi-fit).
+    openpi_fit_prompts: tuple[int, ...] = (7424, 15616, 31744)
 
     # Method.
     warmup: int = 2
