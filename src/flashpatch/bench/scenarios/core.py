@@ -13,9 +13,10 @@ from jax import lax
 
 import flashpatch
 from flashpatch.backends.reference import reference_attention
-from flashpatch.bench.harness import Harness, Lazy, Variant, rel_err
+from flashpatch.bench.harness import Harness, Lazy, Variant
 from flashpatch.bench.records import Record
 from flashpatch.testing import layouts
+from flashpatch.testing.conformance import rel_err
 
 CASES = ("fwd", "fwd_bwd")
 #: Backward FLOPs as a multiple of forward (two matmuls forward, five backward).
