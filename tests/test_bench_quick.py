@@ -134,9 +134,14 @@ def test_a_declining_backend_is_reported_not_timed(tmp_path, monkeypatch):
     assert "unsupported: xla cannot run this call (no such kernel here)" in (tmp_path / "results.md").read_text()
 
 
-def test_out_of_memory_ends_a_ladder_and_errors_fail_the_run():
+def _harness() -> Harness:
     harness = Harness(Options(), timing.Budget(100, {"x": 1}), stream=io.StringIO())
     harness.budget.begin("x")
+    return harness
+
+
+def test_out_of_memory_ends_a_ladder_and_errors_fail_the_run():
+    harness = _harness()
     variant = Variant("einsum")
 
     def oom(rec):
@@ -161,8 +166,7 @@ def test_an_out_of_memory_while_autotuning_is_reported_as_the_allocation_that_fa
         "}. Status: RESOURCE_EXHAUSTED: Out of memory while trying to allocate 32.21GiB with allocator GPU_0_bfc.\n"
         "external/xla+/xla/service/gpu/autotuning/redzone_buffers.cc:107"
     )
-    harness = Harness(Options(), timing.Budget(100, {"x": 1}), stream=io.StringIO())
-    harness.budget.begin("x")
+    harness = _harness()
 
     def oom(rec):
         raise error
@@ -302,7 +306,6 @@ def test_plots_read_like_a_paper(tmp_path):
     import matplotlib.pyplot as plt
 
     from flashpatch.bench import plots
-    from flashpatch.bench.records import Record
 
     def rec(variant, size, ms, peak, status="ok", reason=None, speedup=None):
         return Record(
@@ -342,7 +345,6 @@ def test_plots_read_like_a_paper(tmp_path):
 
 
 def test_ceiling_share_is_the_part_of_the_possible_gain_taken():
-    from flashpatch.bench.records import Record
     from flashpatch.bench.scenarios.openpi import add_ceiling_shares
 
     def rec(variant, ms, gflop):

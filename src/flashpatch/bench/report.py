@@ -85,7 +85,6 @@ def fits(records: Sequence[Record]) -> list[dict[str, Any]]:
                 "scenario": scenario,
                 "variant": variant,
                 "batch": rows[0].batch,
-                "label": size_label(scenario),
                 "largest_ok": largest.size if largest else None,
                 "largest_seq_len": largest.metrics.get("seq_len") if largest else None,
                 "next_size": beyond.size if beyond else None,
@@ -100,7 +99,7 @@ def fit_text(fit: dict[str, Any]) -> str:
     largest = fit["largest_ok"]
     if largest is None and fit["next_status"] in ("skipped", "unsupported"):
         return f"not measured ({fit['next_status']}: {fit['next_reason']})"
-    label = fit.get("label", "T")
+    label = size_label(fit["scenario"])
     if largest is None:
         text = "none"
     elif label != "T" and fit.get("largest_seq_len"):

@@ -395,10 +395,9 @@ def fit(harness: Harness, models, variants: list[Variant]) -> None:
         case = Case("fit", "pi0", "train", o.openpi_long_batch, prompt)
         built = Lazy(functools.partial(Built, _config(models, case, "bfloat16"), o.seed))
         data = Lazy(functools.partial(fill_batch, _config(models, case, "bfloat16"), case.batch, o.seed))
+        seq = _sequence_lazy(built, data, case)
         for variant in variants:
-            body = _train_body(
-                harness, variant, case, built, data, Lazy(lambda: None), _sequence_lazy(built, data, case)
-            )
+            body = _train_body(harness, variant, case, built, data, Lazy(lambda: None), seq)
             harness.run_case("openpi", "fit", variant, prompt, case.batch, body)
         built.drop()
         data.drop()
