@@ -56,6 +56,6 @@ class CountingXla(XlaBackend):
         super().__init__()
         self.calls = 0
 
-    def attend(self, q, k, v, mask, plan, problem):
+    def attend(self, q, k, v, mask, problem):
         self.calls += 1
-        return super().attend(q, k, v, mask, plan, problem)
+        return super().attend(q, k, v, mask, problem)

@@ -93,9 +93,9 @@ class SpyXla(XlaBackend):
         super().__init__(block=16)
         self.seen, self.broken = seen, broken
 
-    def attend(self, q, k, v, mask, plan, problem):
+    def attend(self, q, k, v, mask, problem):
         self.seen.append(meshes.active_mesh())
-        return super().attend(q, k, v, jnp.ones_like(mask) if self.broken else mask, plan, problem)
+        return super().attend(q, k, v, jnp.ones_like(mask) if self.broken else mask, problem)
 
 
 class CpuKvax(kvax_backend.KvaxBackend):

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from flashpatch import core, drift
-from flashpatch.backends.base import Backend
+from flashpatch.backends.base import DenseBackend
 from flashpatch.settings import Settings
 from flashpatch.testing import gemma
 
@@ -89,12 +89,12 @@ def spy_attention(monkeypatch: pytest.MonkeyPatch) -> list[AttentionCall]:
     return calls
 
 
-class ZeroBackend(Backend):
+class ZeroBackend(DenseBackend):
     """Stands in for `xla`: attention output all zeros, so patched results are unmistakable."""
 
     name = "xla"
 
-    def attend(self, q, k, v, mask, plan, problem):
+    def attend(self, q, k, v, mask, problem):
         return jnp.zeros(q.shape, problem.out_dtype)
 
 

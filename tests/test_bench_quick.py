@@ -284,9 +284,9 @@ def test_openpi_mode_shows_a_broken_backend(tmp_path, use_backend):
     from flashpatch.backends import xla
 
     class DropsHalfTheKeys(xla.XlaBackend):
-        def attend(self, q, k, v, mask, plan, problem):
+        def attend(self, q, k, v, mask, problem):
             half = jnp.arange(mask.shape[-1]) < mask.shape[-1] // 2
-            return super().attend(q, k, v, mask & half, plan, problem)
+            return super().attend(q, k, v, mask & half, problem)
 
     use_backend("xla", DropsHalfTheKeys())
     argv = ["--quick", "--scenarios", "openpi", "--backends", "xla", "--no-openpi-grad-check"]

@@ -216,13 +216,11 @@ class _CudnnOnXla(cudnn.CudnnBackend):
 
     platforms = ("cpu", "gpu")
 
+    def __init__(self, use_seq_lengths: bool = True):
+        super().__init__(use_seq_lengths, implementation="xla")
+
     def unsupported(self, problem):
         return Backend.unsupported(self, problem)
-
-    def attend(self, q, k, v, mask, plan, problem):
-        return cudnn.cudnn_attention(
-            q, k, v, mask, problem.out_dtype, use_seq_lengths=self.use_seq_lengths, implementation="xla"
-        )
 
 
 def _check_no_fallback(case: Case, dtype: str) -> None:

@@ -27,7 +27,9 @@ class _SplitOnXla(cudnn_split.CudnnSplitBackend):
     """cudnn_split with JAX's XLA attention in place of cuDNN: everything but the kernel, on CPU."""
 
     platforms = ("cpu", "gpu")
-    implementation = "xla"
+
+    def __init__(self, **kwargs):
+        super().__init__(implementation="xla", **kwargs)
 
     def unsupported(self, problem):
         return Backend.unsupported(self, problem)
@@ -48,7 +50,7 @@ def test_registered_and_gpu_only() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"tail_mode": "dense"}, "tail_mode must be one of"), ({"tail_max": 0}, "tail_max must be a positive")],
+    [({"tail_max": 0}, "tail_max must be a positive")],
 )
 def test_bad_arguments(kwargs, message) -> None:
     with pytest.raises(ValueError, match=message):
@@ -113,15 +115,13 @@ def test_head_goes_to_cudnn_as_sequence_lengths(monkeypatch) -> None:
 
 
 #: Every structured layout (pi0 with a missing image, pi0.5, pi0-FAST, causal, decode, a suffix
-#: over a KV cache, two kv heads, batch 1, odd lengths, padding only) with the einsum tail; the
-#: cuDNN tail on one (it shares the dense preparation the cudnn backend's tests cover).
-STRUCTURED = [(name, "einsum") for name, case in CASES.items() if case.structured]
-STRUCTURED += [("pi0_masked_image", "cudnn")]
+#: over a KV cache, two kv heads, batch 1, odd lengths, padding only).
+STRUCTURED = [name for name, case in CASES.items() if case.structured]
 
 
-@pytest.mark.parametrize(("case", "tail_mode"), STRUCTURED, ids=str)
-def test_matches_openpi(on_xla, case: str, tail_mode: str) -> None:
-    on_xla(tail_mode=tail_mode)
+@pytest.mark.parametrize("case", STRUCTURED)
+def test_matches_openpi(on_xla, case: str) -> None:
+    on_xla()
     with warnings.catch_warnings():
         warnings.simplefilter("error", FlashpatchWarning)  # no fallback anywhere
         check("cudnn_split", CASES[case], "float32")

@@ -44,7 +44,7 @@ def flashpatch_xla_direct(q, k, v, mask):
     from flashpatch.backends.base import Problem
 
     problem = Problem.of(q, k, v, q.dtype, jax.default_backend())
-    return XlaBackend().attend(q, k, v, mask[:, 0], None, problem)
+    return XlaBackend().attend(q, k, v, mask[:, 0], problem)
 
 
 def test_leaving_nested_blocks_out_of_order_leaves_nothing_patched() -> None:

@@ -59,12 +59,12 @@ def test_xla_memory_grows_linearly_and_the_einsums_quadratically(record_property
     assert reference > QUADRATIC_MIN, f"reference is not about quadratic in T: {reference_says} (vs {xla_says})"
 
 
-class _Materialises(backends.Backend):
+class _Materialises(backends.DenseBackend):
     """Exact, but through openpi's dense einsums: what the check must reject."""
 
     name = "materialises"
 
-    def attend(self, q, k, v, mask, plan, problem):
+    def attend(self, q, k, v, mask, problem):
         return reference_attention(q, k, v, mask, problem.probs_dtype)
 
 

@@ -448,10 +448,10 @@ def test_xla_backend_matches_the_float32_model(name: str, dtype: str) -> None:
 class _DropsLastAttendedKey(XlaBackend):
     """A plausible bug: each row ignores the last key it may attend."""
 
-    def attend(self, q, k, v, mask, plan, problem):
+    def attend(self, q, k, v, mask, problem):
         kv_len = mask.shape[-1]
         last = kv_len - 1 - jnp.argmax(mask[..., ::-1], axis=-1)
-        return super().attend(q, k, v, mask & (jnp.arange(kv_len) != last[..., None]), plan, problem)
+        return super().attend(q, k, v, mask & (jnp.arange(kv_len) != last[..., None]), problem)
 
 
 #: One scenario per path through the adapters (LoRA adds nothing there).

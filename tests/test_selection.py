@@ -1,29 +1,54 @@
-"""`auto`'s table: which backend each measured shape class gets, and what it says when one cannot run."""
+"""`auto`'s table on simulated GPUs: which backend each measured shape class gets, and never a slower one.
+
+The GPUs are simulated on CPU (compute capability, cuDNN version, dew-flash-attn installed or not,
+device memory); nothing here needs a GPU.
+"""
 
 from __future__ import annotations
 
+import types
+
 import pytest
 
-from flashpatch import selection
+from flashpatch import backends, selection
 from flashpatch.backends import cudnn
 from flashpatch.backends.base import Problem
+from flashpatch.backends.flash import kernel as flash_kernel
+
+GIB = 2**30
 
 
-def _gpu_problem(batch: int, q_len: int, kv_len: int) -> Problem:
-    return Problem(batch, q_len, kv_len, 8, 1, 256, "bfloat16", "bfloat16", "bfloat16", "bfloat16", "gpu")
+def _gpu_problem(batch: int, q_len: int, kv_len: int | None = None, *, causal_runs: bool = False) -> Problem:
+    kv_len = q_len if kv_len is None else kv_len
+    dtypes = ["bfloat16"] * 4
+    return Problem(batch, q_len, kv_len, 8, 1, 256, *dtypes, "gpu", causal_runs=causal_runs)
 
 
 @pytest.fixture
-def h100(monkeypatch):
-    """Pretend to be an H100 with cuDNN 9.8 whose JAX accepts every shape (kvax stays unavailable on CPU)."""
+def gpu(monkeypatch):
+    """Pretend to be a GPU: set_gpu(capability, cudnn version, flash library's builds or None, memory)."""
 
-    def set_gpu(capability=(9, 0)):
+    def set_gpu(capability=(9, 0), cudnn_version=90800, flash=None, memory=140 * GIB):
         monkeypatch.setattr(cudnn, "compute_capability", lambda: capability)
-        monkeypatch.setattr(cudnn, "cudnn_version", lambda: 90800)
+        monkeypatch.setattr(cudnn, "cudnn_version", lambda: cudnn_version)
         monkeypatch.setattr(cudnn, "jax_rejects", lambda problem, use_seq_lengths=True: None)
+        module = (
+            'dew-flash-attn is not installed (pip install "flashpatch[flash]")'
+            if flash is None
+            else types.SimpleNamespace(ARCHITECTURES=flash)
+        )
+        monkeypatch.setattr(flash_kernel, "load", lambda: module)
+        monkeypatch.setattr(selection, "device_memory", lambda: memory)
 
     set_gpu()
     return set_gpu
+
+
+PI0_B32 = (32, 867)
+PI0_B8 = (8, 867)
+PI0_LONG = (4, 4147)
+PI0_HUGE = (4, 16435)
+FAST_B32 = (32, 1018)
 
 
 @pytest.mark.parametrize(
@@ -34,38 +59,101 @@ def h100(monkeypatch):
         ((1, 1024, 1024), "reference"),  # pi0 prefix prefill at inference
         ((2, 1024, 1024), "reference"),  # 2**24 pairs
         ((4, 1024, 1024), "cudnn"),  # 2**25 pairs: training at T=1024
-        ((8, 1024, 1024), "cudnn"),  # 2**26
-        ((8, 867, 867), "cudnn"),  # openpi's pi0 training at batch 8
-        ((16, 870, 870), "cudnn"),  # just under 3 * 2**25
-        ((8, 1280, 1280), "cudnn_split"),  # just over 3 * 2**25
-        ((32, 870, 870), "cudnn_split"),  # openpi's training batch
-        ((2, 4096, 4096), "cudnn_split"),
+        (PI0_B8, "cudnn"),  # openpi's pi0 training at batch 8
+        ((16, 870), "cudnn"),  # just under 3 * 2**25
+        ((8, 1280), "cudnn_split"),  # just over 3 * 2**25
+        (PI0_B32, "cudnn_split"),  # openpi's training batch
+        ((2, 4096), "cudnn_split"),
     ],
 )
-def test_gpu_rules(h100, shape, expected: str) -> None:
+def test_hopper_without_flash(gpu, shape, expected: str) -> None:
     choice = selection.choose("auto", _gpu_problem(*shape))
     assert choice.backend == expected, choice
-    assert choice.reason.startswith("auto: ") and (
-        "benchmarks/results/h200" in choice.reason or "H100" in choice.reason
-    )
+    assert choice.reason.startswith("auto: ") and "docs/benchmarks.md" in choice.reason
 
 
-def test_without_cudnn_the_next_backend_runs_and_the_reason_says_why(h100) -> None:
-    h100(capability=(8, 9))  # Ada: no head_dim 256 in cuDNN
-    choice = selection.choose("auto", _gpu_problem(32, 870, 870))
-    assert choice.backend == "xla", choice  # kvax does not import without a GPU JAX either
-    assert "passed over: cudnn_split (" in choice.reason and "only on Hopper or newer" in choice.reason
+@pytest.mark.parametrize("shape", [PI0_B8, PI0_B32, PI0_LONG, PI0_HUGE, (2, 4096)])
+@pytest.mark.parametrize("causal_runs", [False, True], ids=["pi0", "pi0_fast"])
+def test_flash_first_where_installed(gpu, shape, causal_runs: bool) -> None:
+    gpu(flash=("sm80", "sm90"))
+    choice = selection.choose("auto", _gpu_problem(*shape, causal_runs=causal_runs))
+    assert choice.backend == "flash", choice
 
 
-def test_between_the_thresholds_without_cudnn_the_einsum_runs(h100) -> None:
-    h100(capability=(8, 9))  # Ada: neither cuDNN path; xla measured slower than the einsum in this band
-    choice = selection.choose("auto", _gpu_problem(8, 1024, 1024))
+@pytest.mark.parametrize("shape", [(8, 1, 4096), (1, 51, 1075), (2, 1024, 1024)])
+def test_flash_not_where_the_einsum_is_faster(gpu, shape) -> None:
+    gpu(flash=("sm80", "sm90"))
+    assert selection.choose("auto", _gpu_problem(*shape)).backend == "reference"
+
+
+def test_pi0_fast_training_never_takes_cudnn_split(gpu) -> None:
+    """Its causal suffix overflows cudnn_split's tail: 0.98x of the original under the old rules."""
+    choice = selection.choose("auto", _gpu_problem(*FAST_B32, causal_runs=True))
+    assert choice.backend == "cudnn", choice
+    assert "cudnn_split" not in choice.reason.split("auto: ")[1].split(":")[0]
+
+
+def test_pi0_fast_long_causal_suffix_keeps_the_einsum(gpu) -> None:
+    """cuDNN's dense path lost to the einsum with a 1024-row causal suffix at T=2048."""
+    choice = selection.choose("auto", _gpu_problem(8, 2048, causal_runs=True))
     assert choice.backend == "reference", choice
-    assert "passed over: cudnn (" in choice.reason and "cudnn_split (" in choice.reason
+
+
+@pytest.mark.parametrize("capability", [(8, 0), (8, 6), (8, 9)], ids=["A100", "A6000", "L40S_4090"])
+@pytest.mark.parametrize("shape", [PI0_B8, PI0_B32, PI0_LONG, FAST_B32])
+def test_no_slower_path_on_gpus_cudnn_cannot_serve(gpu, capability, shape) -> None:
+    """cuDNN takes head_dim 256 only on Hopper; xla (slower than the einsum where it fits) is not picked."""
+    gpu(capability=capability)
+    choice = selection.choose("auto", _gpu_problem(*shape, causal_runs=shape == FAST_B32))
+    assert choice.backend == "reference", choice
+    assert "only on Hopper or newer" in choice.reason
+
+
+@pytest.mark.parametrize("capability", [(8, 0), (8, 6), (8, 9)])
+def test_flash_on_ampere_and_ada(gpu, capability) -> None:
+    gpu(capability=capability, flash=("sm80", "sm90"))
+    assert selection.choose("auto", _gpu_problem(*PI0_B32)).backend == "flash"
+
+
+def test_flash_library_without_code_for_the_gpu(gpu) -> None:
+    gpu(capability=(7, 5), flash=("sm80", "sm90"))
+    choice = selection.choose("auto", _gpu_problem(*PI0_B32))
+    assert choice.backend == "reference", choice
+    assert "no code for compute capability 7.5" in choice.reason
+
+
+@pytest.mark.parametrize("version", [90100, 90400])
+def test_hopper_with_old_cudnn(gpu, version) -> None:
+    """openpi's pins with a cuDNN before 9.5: no head_dim 256 in cuDNN, so the einsum, not xla."""
+    gpu(cudnn_version=version)
+    choice = selection.choose("auto", _gpu_problem(*PI0_B32))
+    assert choice.backend == "reference", choice
+    assert "only with cuDNN 9.5.0 or newer" in choice.reason
+
+
+def test_hopper_with_cudnn_9_5(gpu) -> None:
+    gpu(cudnn_version=90500)
+    assert selection.choose("auto", _gpu_problem(*PI0_B32)).backend == "cudnn_split"
+
+
+def test_xla_only_where_the_einsum_would_not_fit(gpu) -> None:
+    gpu(capability=(8, 0), memory=80 * GIB)  # an A100 80GB without flash
+    assert selection.choose("auto", _gpu_problem(*PI0_LONG)).backend == "reference"
+    choice = selection.choose("auto", _gpu_problem(*PI0_HUGE))
+    assert choice.backend == "xla", choice
+    assert "memory" in choice.reason
+
+
+def test_the_memory_threshold_sits_between_the_measured_rungs(gpu) -> None:
+    """On the H200 (75% of 141 GiB for JAX) the einsum trained T=8243 at B=4 and ran out at 16435."""
+    limit = int(0.75 * 143771 * 2**20)
+    gpu(capability=(8, 0), memory=limit)
+    assert selection.choose("auto", _gpu_problem(4, 8243)).backend == "reference"
+    assert selection.choose("auto", _gpu_problem(4, 16435)).backend == "xla"
 
 
 def test_the_split_threshold_sits_between_the_measured_shapes() -> None:
-    band, split = selection.pairs(_gpu_problem(8, 1024, 1024)), selection.pairs(_gpu_problem(8, 1280, 1280))
+    band, split = _gpu_problem(8, 1024).pairs, _gpu_problem(8, 1280).pairs
     assert selection.GPU_MIN_PAIRS_FOR_FLASH < band < selection.GPU_MIN_PAIRS_FOR_SPLIT <= split
 
 
@@ -76,13 +164,20 @@ def test_cpu_rules() -> None:
 
 
 def test_pairs_counts_batch_heads_queries_and_keys() -> None:
-    assert selection.pairs(_gpu_problem(4, 1024, 1024)) == selection.GPU_MIN_PAIRS_FOR_FLASH
+    assert _gpu_problem(4, 1024).pairs == selection.GPU_MIN_PAIRS_FOR_FLASH
 
 
-def test_recording_collects_choices_in_this_thread_only(h100) -> None:
+def test_a_backend_that_cannot_run_falls_back_with_the_reason(gpu) -> None:
+    gpu(capability=(8, 0))
+    choice = selection.choose("cudnn", _gpu_problem(*PI0_B32))
+    assert choice.backend == backends.REFERENCE and choice.fallback
+    assert "cudnn cannot run this call" in choice.reason and "only on Hopper" in choice.reason
+
+
+def test_recording_collects_choices_in_this_thread_only(gpu) -> None:
     import threading
 
-    problem = _gpu_problem(2, 4096, 4096)
+    problem = _gpu_problem(2, 4096)
     with selection.recording() as outer:
         selection.choose("auto", problem)
         with selection.recording() as inner:

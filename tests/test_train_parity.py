@@ -56,13 +56,13 @@ def test_xla_training_matches_unpatched(setup) -> None:
     assert last < 0.8 * first, f"the task is not being learned: loss {first:.4f} -> {last:.4f}"
 
 
-class _WarmSoftmax(backends.Backend):
+class _WarmSoftmax(backends.DenseBackend):
     """A subtle bug: the softmax temperature is 1% off (a wrong scale)."""
 
     name = "warm_softmax"
 
-    def attend(self, q, k, v, mask, plan, problem):
-        return XlaBackend().attend(q * 1.01, k, v, mask, plan, problem)
+    def attend(self, q, k, v, mask, problem):
+        return XlaBackend().attend(q * 1.01, k, v, mask, problem)
 
 
 def test_broken_attention_breaks_parity(setup, use_backend) -> None:

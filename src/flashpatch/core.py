@@ -7,8 +7,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from flashpatch import backends, diagnostics, masks, selection, verify
-from flashpatch.backends.base import Problem
+from flashpatch.backends.base import Backend, ChainBackend, DenseBackend, Problem
+from flashpatch.backends.reference import reference_attention
 from flashpatch.settings import Settings
+from flashpatch.settings import current as current_settings
 
 
 def check_inputs(q: jax.Array, k: jax.Array, v: jax.Array, attn_mask: jax.Array) -> None:
@@ -50,6 +52,26 @@ def _platform() -> str:
     return jax.default_backend()
 
 
+def check_dtypes(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
+    """Raise a clear error for q, k or v that is not floating point (openpi's are bf16 or float32)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"{name} must be a floating-point array (bfloat16, float16 or float32); got {x.dtype}")
+
+
+def _resolve(settings: Settings | str | None) -> Settings:
+    """The settings a call runs under: those passed, else this thread's (an enclosing enable()), else auto."""
+    if settings is None:
+        return current_settings() or Settings()
+    if isinstance(settings, str):
+        return Settings(backend=settings)
+    if not isinstance(settings, Settings):
+        raise TypeError(
+            f"settings must be a flashpatch.Settings or a backend name such as 'auto'; got {type(settings).__name__}"
+        )
+    return settings
+
+
 def attention(
     q: jax.Array,
     k: jax.Array,
@@ -57,55 +79,53 @@ def attention(
     attn_mask: jax.Array,
     *,
     probs_dtype=None,
-    settings: Settings | None = None,
+    settings: Settings | str | None = None,
     site: str = "flashpatch.attention",
+    causal_runs: bool = True,
 ) -> jax.Array:
     """softmax(q k^T, masked) v with openpi's semantics, through the chosen backend.
 
     q: (B, T, N, H), already scaled by head_dim**-0.5 as openpi does; k, v: (B, S, K, H);
     attn_mask: (B, 1, T, S) bool. `probs_dtype` is the dtype openpi casts the softmax to (default:
-    q's dtype). Returns (B, T, N, H) in result_type(probs_dtype, v.dtype), as openpi does.
+    q's dtype). `settings` (a Settings or a backend name) defaults to those of the enclosing
+    `enable()` block, else `auto`. `causal_runs=False` promises that no run of several rows in the
+    mask is causal (pi0's and pi0.5's masks; pi0-FAST's suffix is one), which some backends use.
+    Returns (B, T, N, H) in result_type(probs_dtype, v.dtype), as openpi does.
     """
     check_inputs(q, k, v, attn_mask)
-    settings = settings or Settings()
+    check_dtypes(q, k, v)
+    settings = _resolve(settings)
     probs_dtype = jnp.dtype(probs_dtype if probs_dtype is not None else q.dtype)
-    problem = Problem.of(q, k, v, probs_dtype, _platform())
+    problem = Problem.of(q, k, v, probs_dtype, _platform(), causal_runs)
     choice = selection.choose(settings.backend, problem)
     if choice.fallback:
         diagnostics.warn_once(("fallback", site, settings.backend, problem), f"{site}: {choice.reason}")
     diagnostics.info_once(("backend", site, choice.backend), f"{site} -> {choice.backend} ({choice.reason})")
 
     mask = attn_mask[:, 0]
-    backend = backends.get(choice.backend)
-    if backend.fills_empty_rows:
-        out = backend.attend(q, k, v, mask, None, problem)
+    if choice.backend == backends.REFERENCE:
+        out = reference_attention(q, k, v, mask, probs_dtype)
     else:
-        out = _flash(q, k, v, mask, backend, problem)
+        out = _flash(q, k, v, mask, backends.get(choice.backend), problem)
 
     if settings.verify:
-        verify.report(site, choice.backend, out, original(q, k, v, mask, problem))
+        verify.report(site, choice.backend, out, reference_attention(q, k, v, mask, probs_dtype))
     return out
 
 
-def original(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, problem: Problem) -> jax.Array:
-    """openpi's own computation of one call (the registry's `reference` backend), mask (B, T, S)."""
-    return backends.get("reference").attend(q, k, v, mask, None, problem)
-
-
-def _flash(q, k, v, mask, backend, problem: Problem) -> jax.Array:
-    if backend.any_mask:
-        has_keys = jnp.any(mask, axis=-1)
-        out = backend.attend(q, k, v, mask, None, problem)
-    else:
+def _flash(q, k, v, mask, backend: Backend, problem: Problem) -> jax.Array:
+    """A backend's output with openpi's value in the rows that attend no key."""
+    if isinstance(backend, ChainBackend):
         plan = masks.analyze(mask)
         has_keys = plan.rank > 0
         accepted = backend.accepts(plan, problem)
+        fallback_backend = backend.fallback_for(problem)
         # The fallback is rematerialised: otherwise its residuals, zeros when it does not run, are
         # written by the conditional on every training step.
-        fallback = jax.checkpoint(backend.attend_fallback, static_argnums=(4,))
+        fallback = jax.checkpoint(fallback_backend.attend, static_argnums=(4,))
 
         def fallback_and_warn() -> jax.Array:
-            _warn_fallback_ran(backend)
+            _warn_fallback_ran(backend, fallback_backend)
             return fallback(q, k, v, mask, problem)
 
         def skipped() -> jax.Array:
@@ -114,13 +134,17 @@ def _flash(q, k, v, mask, backend, problem: Problem) -> jax.Array:
         # The fallback's conditional comes first and the fast path after it, outside it (inside one,
         # cudnn_split's fwd+bwd took 5.54 ms on the H100 where the same computation alone took 3.07;
         # B=32, T=870). The host reads a conditional's predicate before it launches a branch, so a
-        # conditional placed after the fast path waits for all of it: 0.13-0.27 ms more per call
-        # (benchmarks/history/training-speed.md).
+        # conditional placed after the fast path waits for all of it: 0.13-0.27 ms more per call.
         fallback_out = lax.cond(accepted, skipped, fallback_and_warn)
         fast = backend.attend(*_after((q, k, v), fallback_out), mask, plan, problem)
         out = jnp.where(accepted, fast, fallback_out)
+    elif isinstance(backend, DenseBackend):
+        has_keys = jnp.any(mask, axis=-1)
+        out = backend.attend(q, k, v, mask, problem)
+    else:
+        raise TypeError(f"backend {backend.name!r} is neither a DenseBackend nor a ChainBackend")
     fill = empty_row_value(v, problem.probs_dtype, problem.num_heads)
-    return jnp.where(has_keys[:, :, None, None], out, fill)
+    return jnp.where(has_keys[:, :, None, None], out.astype(problem.out_dtype), fill)
 
 
 @jax.custom_jvp
@@ -138,7 +162,7 @@ def _after_jvp(primals, tangents):
     return _after(*primals), tangents[0]
 
 
-def _warn_fallback_ran(backend: backends.Backend) -> None:
+def _warn_fallback_ran(backend: ChainBackend, fallback: DenseBackend) -> None:
     """Warn once, at run time, from inside the fallback branch, that a mask failed the structure check.
 
     The callback takes no operands, so flax's nn.scan (openpi's layer stack) accepts it although
@@ -150,7 +174,7 @@ def _warn_fallback_ran(backend: backends.Backend) -> None:
         diagnostics.warn_once(
             ("structure", backend.name),
             f"a mask does not have the structure {backend.name} computes ({backend.structure}), "
-            f"so the exact {backend.fallback} path ran for it",
+            f"so the exact {fallback.name} path ran for it",
         )
 
     jax.debug.callback(say)

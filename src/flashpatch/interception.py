@@ -25,7 +25,7 @@ import flax.linen as nn
 import wrapt
 
 from flashpatch import core, diagnostics, drift, settings, targets, verify
-from flashpatch.backends.base import Problem
+from flashpatch.backends.reference import reference_attention
 from flashpatch.settings import Settings
 from flashpatch.targets.base import Target
 
@@ -156,7 +156,6 @@ def _intercept(target, signature, instance, active: Settings, next_fun, args, kw
     return target.adapter.forward(instance, arguments, attend)
 
 
-def _shape_only_core(q, k, v, attn_mask, *, probs_dtype):
+def _shape_only_core(q, k, v, attn_mask, *, probs_dtype, causal_runs: bool = True):
     core.check_inputs(q, k, v, attn_mask)
-    problem = Problem.of(q, k, v, probs_dtype or q.dtype, "cpu")
-    return core.original(q, k, v, attn_mask[:, 0], problem)
+    return reference_attention(q, k, v, attn_mask[:, 0], probs_dtype or q.dtype)

@@ -1,9 +1,12 @@
 """Which backend computes a given problem: the user's choice, or `auto`'s, with the reason why.
 
-`auto` walks a small table of rules per platform; each rule names the measurement behind it. The
-first backend of the first matching rule that can run the problem wins; where none can, the
-original einsum runs. A backend the user asked for by name that cannot run falls back to the
-original einsum with one warning.
+`auto` walks one table of rules. A rule applies to a class of problems and names candidate
+backends, fastest first, each measured faster than openpi's own attention (`reference`) on that
+class; the first candidate that can run the problem here wins. Where none of a rule's candidates
+can run, the next rule that applies is asked, and at the end `reference` runs. So a GPU, a cuDNN or
+a kernel library that is missing only ever moves `auto` to the next path measured faster, or to
+openpi's own attention: never to a path measured slower. Each rule's reason names the section of
+docs/benchmarks.md with its measurements.
 """
 
 from __future__ import annotations
@@ -17,18 +20,25 @@ from flashpatch import backends
 from flashpatch.backends.base import Problem
 
 #: On CPU the einsum beats the blockwise path while the logits are small; past this many (query,
-#: key) pairs per head the blockwise path is chosen for its O(T) memory (benchmarks/results/cpu-2026-11-25).
+#: key) pairs per head the blockwise path is chosen for its O(T) memory.
 CPU_MIN_PAIRS_FOR_XLA = 1536 * 1536
 #: On the GPU, (query, key) pairs over batch and heads (B * N * T * S) below which the einsum is as fast
-#: as any flash path (their fixed costs dominate), and from which cudnn_split is the fastest in training.
-#: Measured on the H200 with 8/1 heads and head_dim 256 (benchmarks/results/h200-2026-12-01-core-b2, -core-b8,
-#: -core-b32; docs/benchmarks.md, "How auto chooses").
+#: as any flash path measured (their fixed costs dominate), and from which cudnn_split is the fastest
+#: cuDNN path in training. Measured with openpi's heads (8 query heads, 1 key head, head_dim 256).
 GPU_MIN_PAIRS_FOR_FLASH = 2**25
 GPU_MIN_PAIRS_FOR_SPLIT = 3 * 2**25
+#: pi0-FAST's causal suffix: cuDNN's dense path beat the einsum at T=1018 and lost at T=2048.
+GPU_MAX_CAUSAL_LEN_FOR_CUDNN = 1024
+#: openpi's einsum keeps about this many float32 logits-sized buffers alive per layer in training; where
+#: they would take more than `EINSUM_MEMORY_SHARE` of the GPU, only an O(T)-memory path trains.
+EINSUM_LOGIT_BUFFERS = 3
+EINSUM_MEMORY_SHARE = 0.5
+
+_BENCH = "docs/benchmarks.md"
 
 
 def pairs(p: Problem) -> int:
-    return p.batch * p.num_heads * p.q_len * p.kv_len
+    return p.pairs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,51 +56,82 @@ class Rule:
     why: str
 
 
-#: Where each GPU rule's numbers come from: openpi's shapes (bf16, 8 q heads, 1 kv head, head_dim 256).
-_H200 = "benchmarks/results/h200-2026-12-01-"
-_H100 = "H100, benchmarks/history/selection-h100.md"
+def device_memory() -> int | None:
+    """Bytes JAX may allocate on the default device, where the device says (GPUs do); else None."""
+    import jax
+
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+    except Exception:  # some platforms have no memory stats
+        return None
+    limit = stats.get("bytes_limit")
+    return int(limit) if limit else None
+
+
+def einsum_would_not_fit(p: Problem) -> bool:
+    """Whether openpi's einsum's logits would crowd out a training step on this device."""
+    limit = device_memory()
+    return limit is not None and p.pairs * 4 * EINSUM_LOGIT_BUFFERS > EINSUM_MEMORY_SHARE * limit
+
+
 RULES: tuple[Rule, ...] = (
     Rule(
         "gpu",
         lambda p: p.q_len == 1,
-        ("reference",),
-        "one-token decode: openpi's pi0-FAST sample_actions on the H200 takes 295 ms on the einsum "
-        f"({_H200}openpi-pi05); every flash path was slower per decoded token ({_H100}: 18-layer decode at cache "
-        "1024 / 4096, einsum 5.55 / 5.78 ms per token, cudnn 6.71 / 9.55)",
+        (backends.REFERENCE,),
+        "one-token decode: openpi's own attention; every flash path measured was slower per decoded token "
+        f"({_BENCH}, 'How auto chooses')",
     ),
     Rule(
         "gpu",
-        lambda p: pairs(p) < GPU_MIN_PAIRS_FOR_FLASH,
-        ("reference",),
-        "fewer than 2**25 (query, key) pairs over batch and heads, where fixed costs dominate: on the H200, "
-        "B=2 T=S=1024 einsum 0.167 / 0.536 ms fwd / fwd+bwd, cudnn 0.301 / 0.541, cudnn_split 0.436 / 0.965 "
-        f"({_H200}core-b2); openpi's pi0 and pi0.5 sample_actions at batch 1 run 33.8 / 37.5 ms on the einsum "
-        f"({_H200}openpi-pi0)",
-    ),
-    Rule(
-        "gpu",
-        lambda p: pairs(p) >= GPU_MIN_PAIRS_FOR_SPLIT,
-        ("cudnn_split", "cudnn", "kvax", "xla"),
-        "at least 3 * 2**25 (query, key) pairs over batch and heads: on the H200, fwd+bwd cudnn_split / cudnn against "
-        f"the einsum: B=8 T=S=1280 1.37x / 1.08x ({_H200}core-b8), B=2 T=S=3072 2.09x / 1.29x ({_H200}core-b2), "
-        f"B=32 T=S=870 1.72x / 1.26x ({_H200}core-b32); openpi's pi0 training step at batch 4, T=4147: "
-        f"1.60x / 1.26x ({_H200}openpi-long)",
+        lambda p: p.pairs < GPU_MIN_PAIRS_FOR_FLASH and not einsum_would_not_fit(p),
+        (backends.REFERENCE,),
+        "fewer than 2**25 (query, key) pairs over batch and heads, where fixed costs dominate and openpi's own "
+        f"attention was the fastest measured, pi0's and pi0.5's sample_actions at batch 1 included ({_BENCH}, "
+        "'How auto chooses')",
     ),
     Rule(
         "gpu",
         lambda p: True,
+        ("flash",),
+        "FlashAttention's kernels on openpi's masks, without a dense mask or sorted queries: the fastest path "
+        f"measured from 2**25 (query, key) pairs, pi0's and pi0-FAST's training included ({_BENCH}, 'FlashAttention')",
+    ),
+    Rule(
+        "gpu",
+        lambda p: p.causal_runs and p.q_len <= GPU_MAX_CAUSAL_LEN_FOR_CUDNN,
+        ("cudnn",),
+        "a causal suffix (pi0-FAST) up to T=1024: cuDNN with the dense mask beat the einsum (1.08x on pi0-FAST's "
+        "training step); cudnn_split, whose tail such a suffix overflows, lost to it "
+        f"({_BENCH}, 'How auto chooses')",
+    ),
+    Rule(
+        "gpu",
+        lambda p: not p.causal_runs and p.pairs >= GPU_MIN_PAIRS_FOR_SPLIT,
+        ("cudnn_split", "cudnn"),
+        "at least 3 * 2**25 (query, key) pairs over batch and heads: cudnn_split, then cudnn, were the fastest "
+        f"cuDNN paths in training (pi0 at B=32 and at T=4147 included; {_BENCH}, 'How auto chooses')",
+    ),
+    Rule(
+        "gpu",
+        lambda p: not p.causal_runs and p.pairs < GPU_MIN_PAIRS_FOR_SPLIT,
         ("cudnn", "cudnn_split"),
-        "2**25 to 3 * 2**25 (query, key) pairs over batch and heads: on the H200, fwd / fwd+bwd cudnn against the "
-        f"einsum: B=2 T=S=1536 1.06x / 1.18x, B=2 T=S=2048 1.21x / 1.23x ({_H200}core-b2), B=8 T=S=1024 "
-        f"1.13x / 1.16x, B=8 T=S=768 1.23x / 0.92x ({_H200}core-b8); openpi's pi0 training step at batch 8: cudnn "
-        f"1.04x, cudnn_split 1.04x ({_H200}openpi-band). Where neither runs, the einsum: xla ran 0.64-0.93x of it "
-        f"here, and kvax's backward at head_dim 256 is slower than the einsum ({_H100})",
+        "2**25 to 3 * 2**25 (query, key) pairs over batch and heads: cudnn, then cudnn_split, beat the einsum "
+        f"(pi0's training step at B=8 included; {_BENCH}, 'How auto chooses')",
+    ),
+    Rule(
+        "gpu",
+        einsum_would_not_fit,
+        ("xla",),
+        "openpi's einsum would need more than half of this GPU's memory for its logits, and no faster path runs "
+        "here: the blockwise path, whose memory grows with T, not T * S (slower than the einsum where both fit; "
+        f"{_BENCH}, 'The longest prompt that trains')",
     ),
     Rule(
         "cpu",
         lambda p: p.q_len * p.kv_len < CPU_MIN_PAIRS_FOR_XLA,
-        ("reference",),
-        f"CPU: the einsum is faster while T*S < {CPU_MIN_PAIRS_FOR_XLA} (benchmarks/results/cpu-2026-11-25)",
+        (backends.REFERENCE,),
+        f"CPU: openpi's own attention is faster while T*S < {CPU_MIN_PAIRS_FOR_XLA} ({_BENCH}, 'How auto chooses')",
     ),
     Rule("cpu", lambda p: True, ("xla",), "CPU: blockwise attention keeps memory O(T) at large T*S"),
 )
@@ -102,28 +143,34 @@ def _auto(problem: Problem) -> Choice:
         if rule.platform != problem.platform or not rule.applies(problem):
             continue
         for name in rule.backends:
-            reason = backends.get(name).unsupported(problem)
+            reason = None if name == backends.REFERENCE else backends.get(name).unsupported(problem)
             if reason is None:
                 note = f"; passed over: {'; '.join(skipped)}" if skipped else ""
                 return Choice(name, f"auto: {rule.why}{note}")
             skipped.append(f"{name} ({reason})")
-        break
     tail = f" (passed over: {'; '.join(skipped)})" if skipped else ""
-    return Choice("reference", f"auto: no faster path known for {problem.platform}{tail}")
+    return Choice(
+        backends.REFERENCE,
+        f"auto: no path measured faster than openpi's own attention runs here on {problem.platform}{tail}",
+    )
 
 
 def choose(asked: str, problem: Problem) -> Choice:
     """Resolve `asked` ('auto' or a backend name) for `problem`, falling back where it cannot run."""
     if problem.kv_len == 0:
-        choice = Choice("reference", "no keys at all (S = 0): openpi's einsum, which gives zeros, is the answer")
+        choice = Choice(backends.REFERENCE, "no keys at all (S = 0): openpi's own attention, which gives zeros")
     elif asked == "auto":
         choice = _auto(problem)
+    elif asked == backends.REFERENCE:
+        choice = Choice(asked, "asked for")
     else:
         reason = backends.get(asked).unsupported(problem)
         if reason is None:
             choice = Choice(asked, "asked for")
         else:
-            choice = Choice("reference", f"{asked} cannot run this call ({reason}); the original einsum runs", True)
+            choice = Choice(
+                backends.REFERENCE, f"{asked} cannot run this call ({reason}); openpi's own attention runs", True
+            )
     for seen in getattr(_recorders, "active", ()):
         seen.append(choice)
     return choice

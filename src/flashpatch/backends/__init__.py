@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 ENTRY_POINT_GROUP = "flashpatch.backends"
 #: The names `enable()` takes besides backends: it resolves per call (flashpatch/selection.py).
 AUTO = "auto"
+#: openpi's own attention: the yardstick every backend is checked against, never replaced.
+REFERENCE = "reference"
 
 _BUILT_IN: dict[str, Factory] = {
     "reference": "flashpatch.backends.reference:ReferenceBackend",
@@ -37,6 +39,7 @@ _BUILT_IN: dict[str, Factory] = {
     "kvax": "flashpatch.backends.kvax:KvaxBackend",
     "cudnn": "flashpatch.backends.cudnn:CudnnBackend",
     "cudnn_split": "flashpatch.backends.cudnn_split:CudnnSplitBackend",
+    "flash": "flashpatch.backends.flash:FlashBackend",
 }
 _lock = threading.RLock()
 _factories: dict[str, Factory] = dict(_BUILT_IN)
@@ -57,6 +60,7 @@ def register(name: str, factory: Factory, *, replace: bool = False) -> None:
     needed. Registering a name that exists raises unless `replace=True`.
     """
     _check_name(name)
+    _not_reference(name)
     if not (callable(factory) or (isinstance(factory, str) and ":" in factory)):
         raise TypeError(f"factory must be callable or a 'module:attribute' string; got {factory!r}")
     with _lock:
@@ -65,6 +69,14 @@ def register(name: str, factory: Factory, *, replace: bool = False) -> None:
             raise ValueError(f"backend {name!r} is already registered; pass replace=True to replace it")
         _factories[name] = factory
         _instances.pop(name, None)
+
+
+def _not_reference(name: str) -> None:
+    if name == REFERENCE:
+        raise ValueError(
+            f"{REFERENCE!r} is openpi's own attention, the yardstick every backend is compared with; it cannot be "
+            "replaced. Register your variant under a name of its own."
+        )
 
 
 def unregister(name: str) -> None:
@@ -107,6 +119,7 @@ def override(name: str, backend: Backend) -> Iterator[Backend]:
     For tests that plant a deliberately broken backend, and for sweeps that time a backend with other
     settings under its own name. Process-wide, like the registry itself.
     """
+    _not_reference(name)
     with _lock:
         _load_plugins()
         if name not in _factories:
@@ -155,11 +168,24 @@ def _load_plugins() -> None:
 
 def __getattr__(name: str) -> Any:
     # `from flashpatch.backends import Backend, Problem` without importing JAX at registry import.
-    if name in ("Backend", "Problem"):
+    if name in ("Backend", "ChainBackend", "DenseBackend", "Problem"):
         from flashpatch.backends import base
 
         return getattr(base, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["AUTO", "Backend", "Problem", "choices", "get", "names", "override", "register", "unregister"]
+__all__ = [
+    "AUTO",
+    "REFERENCE",
+    "Backend",
+    "ChainBackend",
+    "DenseBackend",
+    "Problem",
+    "choices",
+    "get",
+    "names",
+    "override",
+    "register",
+    "unregister",
+]

@@ -1,4 +1,29 @@
-"""The one interface every attention backend implements, and the problem it is asked to solve."""
+"""The two protocols an attention backend implements, and the problem it is asked to solve.
+
+A backend is one of two kinds:
+
+- `DenseBackend`: computes attention under any boolean (B, T, S) mask. Write `attend`.
+- `ChainBackend`: computes openpi's masks, whose rows attend nested key sets ("chain form",
+  `flashpatch.masks`), and gets them as ranks and thresholds instead of a dense mask. Write
+  `attend`, say in `accepts` which chain-form masks it computes, and name an exact `fallback`
+  object (a `DenseBackend`): the core runs it in-graph for any mask `accepts` refuses.
+
+Both only compute rows that attend at least one key: the core gives rows that attend nothing
+openpi's value (the mean of V) afterwards, so a backend only keeps them finite, in outputs and
+gradients. Both declare what they run on (`platforms`, `dtypes`) and say in `unsupported` why a
+given problem is beyond them; the conformance kit (`flashpatch.testing.conformance`) reads the same
+declarations. A minimal backend:
+
+    class Mine(DenseBackend):
+        name = "mine"
+        platforms = ("gpu",)
+        dtypes = ("bfloat16",)
+
+        def attend(self, q, k, v, mask, problem):
+            ...  # (B, T, N, H) in problem.out_dtype
+
+    flashpatch.backends.register("mine", Mine)
+"""
 
 from __future__ import annotations
 
@@ -19,6 +44,8 @@ class Problem:
     Layout follows openpi: q (B, T, N, H), already multiplied by head_dim**-0.5; k and v
     (B, S, K, H) with N a multiple of K (grouped-query attention); mask (B, T, S) bool.
     `probs_dtype` is the dtype openpi casts the softmax to (the model's activation dtype).
+    `causal_runs` is False where the caller knows its masks hold no causal run of several rows
+    (pi0's and pi0.5's do not; pi0-FAST's suffix is one), which a backend may use to do less.
     """
 
     batch: int
@@ -32,6 +59,7 @@ class Problem:
     v_dtype: str
     probs_dtype: str
     platform: str
+    causal_runs: bool = True
 
     @property
     def out_dtype(self) -> str:
@@ -41,8 +69,15 @@ class Problem:
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads
 
+    @property
+    def pairs(self) -> int:
+        """(query, key) pairs over batch and heads: the size of openpi's logits."""
+        return self.batch * self.num_heads * self.q_len * self.kv_len
+
     @classmethod
-    def of(cls, q: jax.Array, k: jax.Array, v: jax.Array, probs_dtype: np.dtype, platform: str) -> Problem:
+    def of(
+        cls, q: jax.Array, k: jax.Array, v: jax.Array, probs_dtype: np.dtype, platform: str, causal_runs: bool = True
+    ) -> Problem:
         b, t, n, h = q.shape
         return cls(
             batch=b,
@@ -56,37 +91,25 @@ class Problem:
             v_dtype=jnp.dtype(v.dtype).name,
             probs_dtype=jnp.dtype(probs_dtype).name,
             platform=platform,
+            causal_runs=causal_runs,
         )
 
 
 class Backend:
-    """An attention core: softmax(q k^T masked) v, openpi's semantics, rows with keys only.
-
-    Rows that attend no key are overwritten by the caller (openpi gives them the mean of V), so a
-    backend only has to keep them finite, in outputs and gradients.
-
-    Class attributes declare what the backend supports; the conformance suite reads them.
-    """
+    """What both kinds declare: a name, where they run, which input dtypes they take."""
 
     name: ClassVar[str]
-    #: Computes any boolean mask exactly. False: needs the chain structure of `flashpatch.masks`
-    #: and gets a `MaskPlan`; the caller checks the plan in-graph and falls back where it fails.
-    any_mask: ClassVar[bool] = True
     #: Platforms it can run on ('cpu', 'gpu', ...).
     platforms: ClassVar[tuple[str, ...]] = ("cpu", "gpu", "tpu")
     #: Input dtypes it accepts for q, k, v.
     dtypes: ClassVar[tuple[str, ...]] = ("float32", "bfloat16", "float16")
-    #: For any_mask=False: the masks it computes, in words (for the fallback warning), and the
-    #: backend (any_mask=True, exact) that runs in-graph for a mask it does not accept. `xla` is
-    #: blockwise, so the fallback costs no T x S memory.
-    structure: ClassVar[str] = "block-causal, as openpi's masks are"
-    fallback: ClassVar[str] = "xla"
-    #: Gives rows that attend no key openpi's value itself (only the original computation does); False:
-    #: the caller overwrites those rows.
-    fills_empty_rows: ClassVar[bool] = False
 
     def unsupported(self, problem: Problem) -> str | None:
-        """Why this backend cannot compute `problem` exactly, or None if it can."""
+        """Why this backend cannot compute `problem`, in one sentence for the user, or None if it can.
+
+        Asked at trace time, before anything runs; the caller then takes openpi's own attention
+        (a backend asked for by name) or the next candidate (`auto`).
+        """
         if problem.platform not in self.platforms:
             return f"{self.name} runs on {', '.join(self.platforms)}, not {problem.platform}"
         for arg in ("q", "k", "v"):
@@ -95,28 +118,47 @@ class Backend:
                 return f"{self.name} takes {', '.join(self.dtypes)} inputs; {arg} is {dtype}"
         return None
 
+
+class DenseBackend(Backend):
+    """A backend that computes any boolean mask exactly."""
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, problem: Problem) -> jax.Array:
+        """(B, T, N, H) in `problem.out_dtype`: softmax(q k^T where mask) v for rows with a key.
+
+        q (B, T, N, H) pre-scaled, k and v (B, S, K, H), mask (B, T, S) bool. Rows without a key
+        may hold anything finite. NaN in q rows that attend nothing, or in k rows no row attends,
+        must not reach any output or gradient.
+        """
+        raise NotImplementedError
+
+
+class ChainBackend(Backend):
+    """A backend for masks in chain form: row i attends key j iff threshold[j] <= rank[i].
+
+    The core reads the plan (`flashpatch.masks.analyze`) once per call and, in the graph, runs
+    `fallback` wherever `accepts` says no (with one warning that names `structure`), `attend`
+    otherwise. `fallback` is an object, so a backend can hold a tuned or larger variant of
+    itself as well as another backend.
+    """
+
+    #: The masks it computes, in words, for the warning when one is refused.
+    structure: str = "block-causal, as openpi's masks are"
+    #: The exact backend that runs in-graph for a mask `accepts` refuses.
+    fallback: DenseBackend
+
     def accepts(self, plan: MaskPlan, problem: Problem) -> jax.Array:
         """() bool, in-graph: whether `attend` computes the mask `plan` was read from exactly.
 
-        Only asked of any_mask=False backends. Where it is False, `attend` must still return
-        finite values (they are discarded for the fallback's).
+        Where it is False, `attend` still runs and must return finite values (they are discarded).
         """
         return plan.exact
 
-    def attend_fallback(self, q, k, v, mask, problem: Problem) -> jax.Array:
-        """What runs for a mask `accepts` refuses: the `fallback` backend, exact for any mask."""
-        from flashpatch import backends  # the registry imports this module
-
-        return backends.get(self.fallback).attend(q, k, v, mask, None, problem)
+    def fallback_for(self, problem: Problem) -> DenseBackend:
+        """The exact backend for `problem`'s refused masks: `fallback`, unless a backend knows better."""
+        return self.fallback
 
     def attend(
-        self,
-        q: jax.Array,
-        k: jax.Array,
-        v: jax.Array,
-        mask: jax.Array,
-        plan: MaskPlan | None,
-        problem: Problem,
+        self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, plan: MaskPlan, problem: Problem
     ) -> jax.Array:
-        """(B, T, N, H) output in `problem.out_dtype`."""
+        """As `DenseBackend.attend`, with the mask's chain form `plan` beside the dense mask."""
         raise NotImplementedError

@@ -29,8 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from flashpatch.backends.base import Backend, Problem
-from flashpatch.masks import MaskPlan
+from flashpatch.backends.base import DenseBackend, Problem
 
 #: JAX's own cuDNN attention tests require cuDNN 8.9.4 and an Ampere (sm80) or newer GPU.
 MIN_CUDNN_VERSION = 8904
@@ -212,14 +211,16 @@ def jax_rejects(problem: Problem, use_seq_lengths: bool = True) -> str | None:
     return None
 
 
-class CudnnBackend(Backend):
+class CudnnBackend(DenseBackend):
     name = "cudnn"
     platforms = ("gpu",)
     #: q may be float32 (gemma_fast keeps it so) and is cast to k's dtype; k and v must be half.
     dtypes = ("float32", "bfloat16", "float16")
 
-    def __init__(self, use_seq_lengths: bool = True):
+    def __init__(self, use_seq_lengths: bool = True, *, implementation: str = "cudnn"):
         self.use_seq_lengths = use_seq_lengths
+        #: What `jax.nn.dot_product_attention` is asked for: 'xla' runs the same preparation anywhere (CPU tests).
+        self.implementation = implementation
 
     def unsupported(self, problem: Problem) -> str | None:
         reason = super().unsupported(problem) or shape_limits(problem)
@@ -229,5 +230,7 @@ class CudnnBackend(Backend):
             reason = jax_rejects(problem, self.use_seq_lengths)
         return reason
 
-    def attend(self, q, k, v, mask, plan: MaskPlan | None, problem: Problem):
-        return cudnn_attention(q, k, v, mask, problem.out_dtype, use_seq_lengths=self.use_seq_lengths)
+    def attend(self, q, k, v, mask, problem: Problem):
+        return cudnn_attention(
+            q, k, v, mask, problem.out_dtype, use_seq_lengths=self.use_seq_lengths, implementation=self.implementation
+        )

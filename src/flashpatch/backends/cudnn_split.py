@@ -27,14 +27,13 @@ from jax import lax
 
 from flashpatch import masks
 from flashpatch.backends import cudnn
-from flashpatch.backends.base import Backend, Problem
+from flashpatch.backends.base import ChainBackend, Problem
 from flashpatch.backends.reference import reference_attention
 from flashpatch.masks import MaskPlan
 
 #: Rows after the shared block that one call takes. openpi's suffixes: pi0 51 (state + 50 actions),
 #: pi0.5 up to 50; more rows fall back to the dense path.
 TAIL_ROWS = 64
-TAIL_MODES = ("einsum", "cudnn")
 
 
 class Split(NamedTuple):
@@ -127,19 +126,17 @@ def _put_rows(x: jax.Array, rows: jax.Array, start: jax.Array) -> jax.Array:
     return jax.vmap(lambda xb, rb, s: lax.dynamic_update_slice_in_dim(xb, rb, s, axis=0))(x, rows, start)
 
 
-def tail_attention(q_tail, k, v, mask_tail, keys_used, problem: Problem, mode: str, implementation: str) -> jax.Array:
-    """(B, tail_max, N, H) for the tail slab's rows, each with its own mask row (original key order)."""
-    if mode == "cudnn":
-        return cudnn.cudnn_attention(
-            q_tail, k, v, mask_tail, problem.out_dtype, use_seq_lengths=False, implementation=implementation
-        )
-    # openpi's own math on the slab. Keys no row attends are zeroed: NaN there would otherwise
-    # reach dq through 0 * NaN.
+def tail_attention(q_tail, k, v, mask_tail, keys_used, problem: Problem) -> jax.Array:
+    """(B, tail_max, N, H) for the tail slab's rows, each with its own mask row (original key order).
+
+    openpi's own math on the slab. Keys no row attends are zeroed: NaN there would otherwise reach
+    dq through 0 * NaN.
+    """
     k = jnp.where(keys_used[:, :, None, None], k, jnp.zeros((), k.dtype))
     return reference_attention(q_tail, k, v, mask_tail, problem.probs_dtype)
 
 
-def split_attention(q, k, v, mask, parts: Split, problem: Problem, *, mode: str, implementation: str) -> jax.Array:
+def split_attention(q, k, v, mask, parts: Split, problem: Problem, *, implementation: str) -> jax.Array:
     """Head through cuDNN's sequence lengths, tail dense; rows with no key come out unspecified (finite).
 
     Rows are moved with permutations (gathers both ways) and the tail with dynamic slices, so the
@@ -154,7 +151,7 @@ def split_attention(q, k, v, mask, parts: Split, problem: Problem, *, mode: str,
     q_tail = _rows_at(q_sorted, start, parts.tail_max)
     tail_order = _rows_at(parts.q_order, start, parts.tail_max)  # original row of each slab row
     mask_tail = jnp.take_along_axis(mask, tail_order[:, :, None], axis=1) & real[:, :, None]
-    tail = tail_attention(q_tail, k, v, mask_tail, parts.keys_used, problem, mode, implementation)
+    tail = tail_attention(q_tail, k, v, mask_tail, parts.keys_used, problem)
 
     head = head.astype(problem.out_dtype)
     slab = jnp.where(real[:, :, None, None], tail.astype(problem.out_dtype), _rows_at(head, start, parts.tail_max))
@@ -162,26 +159,22 @@ def split_attention(q, k, v, mask, parts: Split, problem: Problem, *, mode: str,
     return masks.permute_rows(out_sorted, masks.inverse(parts.q_order))
 
 
-class CudnnSplitBackend(Backend):
+class CudnnSplitBackend(ChainBackend):
     """cuDNN with sequence lengths for openpi's shared block and a dense slab for the short tail."""
 
     name = "cudnn_split"
-    any_mask = False
-    fallback = "cudnn"
     platforms = ("gpu",)
     dtypes = ("float32", "bfloat16", "float16")
-    implementation = "cudnn"
 
-    def __init__(self, tail_mode: str = "einsum", tail_max: int = TAIL_ROWS):
-        if tail_mode not in TAIL_MODES:
-            raise ValueError(f"tail_mode must be one of {TAIL_MODES}; got {tail_mode!r}")
+    def __init__(self, tail_max: int = TAIL_ROWS, *, implementation: str = "cudnn"):
         if tail_max < 1:
             raise ValueError(f"tail_max must be a positive number of rows; got {tail_max}")
-        self.tail_mode = tail_mode
         self.tail_max = tail_max
+        self.implementation = implementation
         self.structure = f"block-causal, as openpi's masks are, with at most {tail_max} rows outside the largest block"
         # Its checks trace both of cuDNN's ways in (sequence lengths and dense mask), as this backend uses.
-        self._cudnn = cudnn.CudnnBackend(use_seq_lengths=True)
+        self._cudnn = cudnn.CudnnBackend(use_seq_lengths=True, implementation=implementation)
+        self.fallback = cudnn.CudnnBackend(use_seq_lengths=False, implementation=implementation)
 
     def unsupported(self, problem: Problem) -> str | None:
         return self._cudnn.unsupported(problem)
@@ -189,11 +182,6 @@ class CudnnSplitBackend(Backend):
     def accepts(self, plan: MaskPlan, problem: Problem) -> jax.Array:
         return plan.exact & tail_fits(plan, min(self.tail_max, problem.q_len))
 
-    def attend_fallback(self, q, k, v, mask, problem: Problem) -> jax.Array:
-        return cudnn.cudnn_attention(
-            q, k, v, mask, problem.out_dtype, use_seq_lengths=False, implementation=self.implementation
-        )
-
-    def attend(self, q, k, v, mask, plan: MaskPlan | None, problem: Problem):
+    def attend(self, q, k, v, mask, plan: MaskPlan, problem: Problem):
         parts = split(plan, min(self.tail_max, problem.q_len))
-        return split_attention(q, k, v, mask, parts, problem, mode=self.tail_mode, implementation=self.implementation)
+        return split_attention(q, k, v, mask, parts, problem, implementation=self.implementation)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from flashpatch.backends.base import Backend, Problem
-from flashpatch.masks import MaskPlan
+from flashpatch.backends.base import DenseBackend, Problem
 
 #: The fill openpi uses for masked logits (see gemma/modules.py upstream), not -inf: a row with
 #: no key then gets a uniform softmax, i.e. the mean of V, instead of NaN.
@@ -25,10 +24,16 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arra
     return encoded.reshape(b, t, n, h)
 
 
-class ReferenceBackend(Backend):
+class ReferenceBackend(DenseBackend):
+    """openpi's own math as a backend name (`enable("reference")`, the drift guard's yardstick).
+
+    The core calls `reference_attention` itself for it (rows with no key keep openpi's own value,
+    not the core's fill), and the registry will not let it be replaced: it is what every other
+    backend is compared with.
+    """
+
     name = "reference"
     dtypes = ("float32", "bfloat16", "float16", "float64")
-    fills_empty_rows = True
 
-    def attend(self, q, k, v, mask, plan: MaskPlan | None, problem: Problem):
+    def attend(self, q, k, v, mask, problem: Problem):
         return reference_attention(q, k, v, mask, problem.probs_dtype)

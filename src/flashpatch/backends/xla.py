@@ -15,8 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from flashpatch.backends.base import Backend, Problem
-from flashpatch.masks import MaskPlan
+from flashpatch.backends.base import DenseBackend, Problem
 
 DEFAULT_BLOCK = 512
 
@@ -131,11 +130,11 @@ def flash_attention_xla(q, k, v, mask, probs_dtype, block: int = DEFAULT_BLOCK) 
     return jnp.moveaxis(out, 3, 1).reshape(b, t, n, h).astype(out_dtype)
 
 
-class XlaBackend(Backend):
+class XlaBackend(DenseBackend):
     name = "xla"
 
     def __init__(self, block: int = DEFAULT_BLOCK):
         self.block = block
 
-    def attend(self, q, k, v, mask, plan: MaskPlan | None, problem: Problem):
+    def attend(self, q, k, v, mask, problem: Problem):
         return flash_attention_xla(q, k, v, mask, problem.probs_dtype, self.block)

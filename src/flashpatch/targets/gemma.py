@@ -79,7 +79,8 @@ class GemmaAttention(Adapter):
             k = jnp.concatenate([cache_k, k], axis=1)
             v = jnp.concatenate([cache_v, v], axis=1)
 
-        encoded = core(q, k, v, openpi_mask(call["attn_mask"]), probs_dtype=dtype)
+        # pi0's and pi0.5's masks are a prefix, a state token and an action block: no causal run of several rows.
+        encoded = core(q, k, v, openpi_mask(call["attn_mask"]), probs_dtype=dtype, causal_runs=False)
 
         out, start = [], 0
         for i, (x, config) in enumerate(zip(xs, configs, strict=True)):

@@ -10,8 +10,9 @@ arbitrary mask) and each dtype it declares:
 - NaN in padding (q of rows that attend nothing, k of keys nobody attends) does not leak;
 - two runs on the same inputs are bitwise equal.
 
-What a backend supports it declares on its class (`platforms`, `dtypes`, `any_mask`); cases it
-cannot run here are skipped with the reason, never passed. To check a backend of your own:
+What a backend supports it declares (`platforms`, `dtypes`, and `unsupported` per problem); cases it
+cannot run here are skipped with the reason, never passed. Each check also asserts that the backend
+itself ran: chosen for the call, and on an openpi mask without its in-graph fallback. To check a backend of your own:
 
     from flashpatch import backends
     from flashpatch.testing import conformance
@@ -117,8 +118,19 @@ def all_cases() -> list[Case]:
 CASES = {case.name: case for case in all_cases()}
 
 
-def skip_reason(backend: str, dtype: str, platform: str | None = None) -> str | None:
-    """Why `backend` is not checked in `dtype` on this platform (what it declares), or None."""
+def problem_of(case: Case, dtype: str, platform: str | None = None):
+    """The `Problem` the core builds for `case` in `dtype` on this platform (or `platform`)."""
+    from flashpatch.backends.base import Problem
+
+    b, t, s = case.mask.shape
+    return Problem(
+        b, t, s, case.num_heads, case.num_kv_heads, case.head_dim, *[dtype] * 4, platform or jax.default_backend()
+    )
+
+
+def skip_reason(backend: str, dtype: str, platform: str | None = None, case: Case | None = None) -> str | None:
+    """Why `backend` is not checked in `dtype` here: what it declares (platforms, dtypes) and, given a
+    case, what its `unsupported` says of that case's problem; None where it runs."""
     from flashpatch import backends
 
     declared = backends.get(backend)
@@ -127,14 +139,17 @@ def skip_reason(backend: str, dtype: str, platform: str | None = None) -> str | 
         return f"{backend} runs on {', '.join(declared.platforms)}, not {platform}"
     if dtype not in declared.dtypes:
         return f"{backend} takes {', '.join(declared.dtypes)}, not {dtype}"
+    if case is not None:
+        return declared.unsupported(problem_of(case, dtype, platform))
     return None
 
 
 def params(backend: str) -> Iterator[tuple[str, str]]:
-    """(case name, dtype) pairs to parametrize a test of `backend` with."""
-    for name in CASES:
+    """(case name, dtype) pairs to parametrize a test of `backend` with: those it declares it runs here."""
+    for name, case in CASES.items():
         for dtype in DTYPES:
-            yield name, dtype
+            if skip_reason(backend, dtype, case=case) is None:
+                yield name, dtype
 
 
 def float32_reference(q, k, v, mask):
@@ -147,14 +162,24 @@ def float32_reference(q, k, v, mask):
 
 def check(backend: str, case: Case, dtype: str) -> None:
     """Raise AssertionError where `backend` does not compute `case` like openpi."""
+    import warnings
+
     import flashpatch
+    from flashpatch import diagnostics, selection
 
     q, k, v, mask = case.arrays(dtype)
     settings = flashpatch.Settings(backend=backend)
     # The mask is an argument, not a closed-over constant (XLA would constant-fold the analysis).
     attend = jax.jit(lambda q, k, v, mask: flashpatch.attention(q, k, v, mask, settings=settings))
     run = lambda q, k, v: attend(q, k, v, mask)  # noqa: E731
-    out = run(q, k, v)
+    diagnostics.forget()
+    with selection.recording() as chosen, warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always", diagnostics.FlashpatchWarning)
+        out = jax.block_until_ready(run(q, k, v))
+    # The backend itself ran: not openpi's attention in its place, nor (on an openpi mask) its fallback.
+    assert [c.backend for c in chosen] == [backend], f"{backend} {case.name} {dtype}: {chosen[0].reason}"
+    fell_back = [str(w.message) for w in said if "does not have the structure" in str(w.message)]
+    assert not (case.structured and fell_back), f"{backend} {case.name}: its fallback ran ({fell_back[0]})"
     ref = float32_reference(q, k, v, mask)
     assert out.shape == ref.shape and out.dtype == q.dtype, (out.shape, out.dtype)
     assert_finite(out, "output")
@@ -197,7 +222,7 @@ def check_all(backend: str, dtypes: tuple[str, ...] = DTYPES) -> list[str]:
     skipped = []
     for name in CASES:
         for dtype in dtypes:
-            reason = skip_reason(backend, dtype)
+            reason = skip_reason(backend, dtype, case=CASES[name])
             if reason is not None:
                 skipped.append(f"{name}/{dtype}: {reason}")
                 continue

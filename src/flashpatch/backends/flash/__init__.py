@@ -1,1 +1,91 @@
-"""FlashAttention's kernels (FA3 on Hopper, FA2 on Ampere and Ada) through dew-flash-attn."""
+"""FlashAttention's own kernels (FA3 on Hopper, FA2 on Ampere and Ada) on openpi's masks.
+
+The kernels take packed variable-length sequences but no mask. `segments` turns openpi's masks
+into such calls with no dense mask and no permuted queries; its docstring gives the decomposition
+and the measurements that chose it. The core reads each call's mask once and, where it is not one
+this packing computes exactly (not in chain form, more runs than the slots), runs `fallback_for`'s
+exact backend instead, in the graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+
+from flashpatch.backends import cudnn, xla
+from flashpatch.backends.base import ChainBackend, DenseBackend, Problem
+from flashpatch.backends.flash import kernel, segments
+from flashpatch.masks import MaskPlan
+
+
+class FlashBackend(ChainBackend):
+    """openpi's masks as one or two varlen FlashAttention calls per attention call."""
+
+    name = "flash"
+    platforms = ("gpu",)
+    #: q may be float32 (pi0-FAST keeps it so) and is cast to k's dtype; k and v must be half.
+    dtypes = ("float32", "bfloat16", "float16")
+
+    def __init__(
+        self,
+        constant_slots: int = segments.CONSTANT_SLOTS,
+        causal_slots: int = segments.CAUSAL_SLOTS,
+        *,
+        varlen: segments.VarlenKernel | None = None,
+    ):
+        if constant_slots < 1 or causal_slots < 1:
+            raise ValueError(f"slots must be positive; got {constant_slots} and {causal_slots}")
+        self.constant_slots = constant_slots
+        self.causal_slots = causal_slots
+        #: The kernel; None: dew-flash-attn's. Tests on CPU pass `segments.reference_varlen`.
+        self.varlen: Callable = varlen or kernel.varlen
+        self.structure = (
+            f"block-causal, as openpi's masks are, with at most {constant_slots} runs of equal rank and "
+            f"{causal_slots} causal run(s) per batch row"
+        )
+        self.fallback = xla.XlaBackend()
+
+    def unsupported(self, problem: Problem) -> str | None:
+        reason = super().unsupported(problem)
+        if reason is not None:
+            return reason
+        if problem.k_dtype not in kernel.HALF_DTYPES or problem.v_dtype != problem.k_dtype:
+            return f"flash needs k and v in one of {kernel.HALF_DTYPES}; got {problem.k_dtype} and {problem.v_dtype}"
+        if problem.head_dim > kernel.MAX_HEAD_DIM:
+            return f"FlashAttention takes head dims up to {kernel.MAX_HEAD_DIM}; got {problem.head_dim}"
+        if self.varlen is not kernel.varlen:
+            return None  # a kernel of the caller's own (tests)
+        module = kernel.load()
+        if isinstance(module, str):
+            return module
+        return kernel.gpu_limits(cudnn.compute_capability(), tuple(module.ARCHITECTURES))
+
+    def fallback_for(self, problem: Problem) -> DenseBackend:
+        """cuDNN's dense path where it runs this problem (Hopper), else the blockwise path (O(T) memory)."""
+        dense = cudnn.CudnnBackend(use_seq_lengths=False)
+        if self.varlen is kernel.varlen and dense.unsupported(problem) is None:
+            return dense
+        return self.fallback
+
+    def accepts(self, plan: MaskPlan, problem: Problem) -> jax.Array:
+        p = self._plan(plan)
+        # Without the causal call (the caller promised no causal runs), a causal run is refused.
+        return p.exact if problem.causal_runs else p.exact & ~p.has_causal
+
+    def _plan(self, plan: MaskPlan) -> segments.Plan:
+        return segments.plan(plan, self.constant_slots, self.causal_slots)
+
+    def attend(self, q, k, v, mask, plan: MaskPlan, problem: Problem) -> jax.Array:
+        out = segments.attend(
+            q.astype(k.dtype),
+            k,
+            v,
+            self._plan(plan),
+            plan.rank,
+            self.varlen,
+            self.constant_slots,
+            self.causal_slots,
+            with_causal=problem.causal_runs,
+        )
+        return out.astype(problem.out_dtype)

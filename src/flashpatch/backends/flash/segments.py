@@ -30,6 +30,7 @@ permutation with a gather for its gradient (`masks.permute_rows`).
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Protocol
 
 import jax
@@ -146,21 +147,44 @@ def plan(mask_plan: masks.MaskPlan, constant_slots: int = CONSTANT_SLOTS, causal
     )
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _copies(x: jax.Array, slots: int) -> jax.Array:
     """(B, S, K, H) -> (B * slots * S, K, H): one copy of each batch row's keys per slot."""
     b, s, kh, h = x.shape
     return jnp.broadcast_to(x[:, None], (b, slots, s, kh, h)).reshape(b * slots * s, kh, h)
 
 
-def attend(q, k, v, p: Plan, kernel: VarlenKernel, constant_slots: int, causal_slots: int, with_causal: bool):
+def _copies_fwd(x, slots):
+    return _copies(x, slots), x.shape
+
+
+def _copies_bwd(slots, shape, cotangent):
+    # The copies' gradients summed in float32, then rounded once (a bf16 sum of the slots loses bits).
+    b, s, kh, h = shape
+    total = jnp.sum(cotangent.reshape(b, slots, s, kh, h).astype(jnp.float32), axis=1)
+    return (total.astype(cotangent.dtype),)
+
+
+_copies.defvjp(_copies_fwd, _copies_bwd)
+
+
+def attend(
+    q, k, v, p: Plan, rank, kernel: VarlenKernel, constant_slots: int, causal_slots: int, *, with_causal: bool
+) -> jax.Array:
     """(B, T, N, H): each row's attention over its run's keys; rows of rank 0 come out as zeros.
 
-    `with_causal` (static) adds the causal call; without it the plan must have no staircase.
+    `with_causal` (static) adds the causal call; without it the plan must have no causal run.
+    A kernel reads whole tiles, past a segment's end into its neighbours' rows, and masks them
+    by length: 0 * NaN there would still reach the gradients. So the rows that attend nothing
+    (q) and the keys no row attends (k, sorted last) are zeroed first.
     """
     b, t, n, h = q.shape
     s = k.shape[1]
     k_sorted = masks.permute_rows(k, p.k_order)
     v_sorted = masks.permute_rows(v, p.k_order)
+    attended = jnp.arange(s)[None, :] < jnp.max(rank, axis=1)[:, None]
+    k_sorted = jnp.where(attended[:, :, None, None], k_sorted, jnp.zeros((), k.dtype))
+    q = jnp.where((rank > 0)[:, :, None, None], q, jnp.zeros((), q.dtype))
     packed_q = q.reshape(b * t, n, h)
 
     def call(seg: Segments, slots: int, causal: bool) -> jax.Array:

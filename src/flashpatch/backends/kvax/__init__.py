@@ -20,23 +20,24 @@ import jax
 import jax.numpy as jnp
 
 from flashpatch import masks, meshes
-from flashpatch.backends.base import Backend, Problem
+from flashpatch.backends.base import ChainBackend, Problem
 from flashpatch.backends.kvax import compat as kvax_compat
 from flashpatch.backends.kvax import tuning as kvax_tuning
+from flashpatch.backends.xla import XlaBackend
 from flashpatch.masks import MaskPlan
 
 HEAD_DIMS = (16, 32, 64, 128, 192, 256)
 HALF = ("bfloat16", "float16")
 
 
-class KvaxBackend(Backend):
+class KvaxBackend(ChainBackend):
     name = "kvax"
-    any_mask = False
     platforms = ("gpu",)
     dtypes = ("float32", "bfloat16", "float16")
 
     def __init__(self, tuning: kvax_tuning.Tuning | None = None):
         self.tuning = tuning  # None: per shape from kvax_tuning.TABLE
+        self.fallback = XlaBackend()  # blockwise: a refused mask costs no T x S memory
 
     def unsupported(self, problem: Problem) -> str | None:
         reason = super().unsupported(problem)
@@ -48,9 +49,7 @@ class KvaxBackend(Backend):
             return f"kvax needs k and v in one of {HALF}; got {problem.k_dtype} and {problem.v_dtype}"
         return kvax_compat.load_error()
 
-    def attend(self, q, k, v, mask, plan: MaskPlan | None, problem: Problem):
-        if plan is None:
-            raise ValueError("the kvax backend needs a MaskPlan (it computes chain-structured masks only)")
+    def attend(self, q, k, v, mask, plan: MaskPlan, problem: Problem):
         tuning = self.tuning or kvax_tuning.choose(problem.head_dim, problem.kv_len)
         out = sorted_causal_attention(q.astype(k.dtype), k, v, plan, tuning)
         return out.astype(problem.out_dtype)
