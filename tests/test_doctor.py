@@ -29,7 +29,7 @@ def test_doctor_reports_versions_targets_and_the_choice() -> None:
     out = done.stdout
     for expected in ("jax ", "flax ", "openpi.models.gemma.Attention", "T=64 S=64", "kvax: cannot: kvax runs on gpu"):
         assert expected in out, out
-    assert "auto picks: reference" in out and "einsum is faster" in out, out
+    assert "auto picks: reference" in out and "openpi's own attention is faster" in out, out
 
 
 def test_doctor_for_a_long_sequence_picks_the_blockwise_path_on_cpu() -> None:
