@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 import flashpatch
@@ -109,3 +111,11 @@ def test_backend_names_follow_the_registry() -> None:
         backends.unregister("toy")
     with pytest.raises(ValueError, match="FLASHPATCH_BACKEND"):
         from_env({"FLASHPATCH": "1", "FLASHPATCH_BACKEND": "toy"})
+
+
+def test_a_bad_flag_lists_every_accepted_spelling() -> None:
+    """`FLASHPATCH=yes` works, so the error for a typo must say so (it listed 1/0/true/false/on/off only)."""
+    with pytest.raises(ValueError, match="environment variable FLASHPATCH must be") as caught:
+        from_env({"FLASHPATCH": "maybe"})
+    listed = set(re.findall(r"\w+", str(caught.value).split("; got")[0]))
+    assert {"1", "true", "on", "yes", "0", "false", "off", "no", "empty"} <= listed, caught.value

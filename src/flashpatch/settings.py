@@ -16,8 +16,9 @@ from collections.abc import Mapping
 
 from flashpatch import backends
 
-_TRUE = ("1", "true", "on", "yes")
-_FALSE = ("0", "false", "off", "no", "")
+#: What FLASHPATCH and FLASHPATCH_VERIFY accept, any case, surrounding spaces ignored.
+ON_SPELLINGS = ("1", "true", "on", "yes")
+OFF_SPELLINGS = ("0", "false", "off", "no", "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,12 +82,15 @@ def swap_default(settings: Settings | None) -> Settings | None:
 
 
 def parse_flag(name: str, value: str) -> bool:
+    """An on/off environment variable; the error lists every spelling accepted, so no typo needs a guess."""
     low = value.strip().lower()
-    if low in _TRUE:
+    if low in ON_SPELLINGS:
         return True
-    if low in _FALSE:
+    if low in OFF_SPELLINGS:
         return False
-    raise ValueError(f"environment variable {name} must be one of 1/0/true/false/on/off; got {value!r}")
+    on = ", ".join(ON_SPELLINGS)
+    off = ", ".join(s for s in OFF_SPELLINGS if s)
+    raise ValueError(f"environment variable {name} must be one of {on} (on) or {off}, or empty (off); got {value!r}")
 
 
 def from_env(environ: Mapping[str, str] | None = None) -> Settings | None:
