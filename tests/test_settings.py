@@ -82,17 +82,6 @@ def test_bad_enable_opens_nothing() -> None:
     assert not interception.bound_targets()
 
 
-def test_install_from_env() -> None:
-    chosen = flashpatch.install_from_env({"FLASHPATCH": "1", "FLASHPATCH_BACKEND": "reference"})
-    try:
-        assert chosen == Settings(backend="reference")
-        assert flashpatch.installed() == chosen
-    finally:
-        flashpatch.uninstall()
-    assert flashpatch.install_from_env({"FLASHPATCH": "off"}) is None
-    assert flashpatch.installed() is None
-
-
 def test_backend_names_follow_the_registry() -> None:
     """Settings, FLASHPATCH_BACKEND and backend_names() read the one registry: a new backend is accepted
     everywhere once registered, and nowhere after."""

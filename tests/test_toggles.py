@@ -434,3 +434,84 @@ def test_patch_rejects_what_it_cannot_patch() -> None:
         flashpatch.patch("xla")  # type: ignore[call-overload]
     with pytest.raises(ValueError, match="backend must be one of"):
         flashpatch.patch(backend="nope")
+
+
+# --- what users found, each fixed (these tests failed before the fixes) ----------------------------------
+
+
+def test_leaving_a_block_on_another_thread_raises_and_unpatches_the_thread_that_entered_it() -> None:
+    from patching import ZeroBackend, ran_patched
+
+    from flashpatch import backends
+
+    tiny = tiny_attention()
+    originals = _originals()
+    with backends.override("xla", ZeroBackend()):
+        run = jax.jit(lambda params: tiny(params))
+        block = flashpatch.enable("xla")
+        block.__enter__()
+        assert ran_patched(run(tiny.params))
+        with pytest.raises(RuntimeError, match=r"entered on thread .* left on thread"):
+            _in_thread(lambda: block.__exit__(None, None, None))
+        assert settings.current() is None, "the thread that entered the block still runs patched"
+        _assert_unpatched(originals)
+        assert not ran_patched(run(tiny.params)), "a function compiled inside the block still runs patched"
+        with flashpatch.enable("xla"):  # this thread's next block: patched again, freshly traced
+            assert settings.current() == Settings("xla")
+            assert ran_patched(run(tiny.params))
+        assert not ran_patched(run(tiny.params))
+        block.__exit__(None, None, None)  # the entering thread may still leave it: a no-op now
+    _assert_unpatched(originals)
+
+
+def test_one_enable_object_enters_nested_and_in_sequence() -> None:
+    originals = _originals()
+    block = flashpatch.enable("xla")
+    with block as outer:
+        with block as inner:
+            assert outer == inner == Settings("xla") == settings.current()
+            with flashpatch.disable():
+                assert settings.current() is None
+        assert settings.current() == Settings("xla")
+        _assert_patched(originals)
+    assert settings.current() is None
+    _assert_unpatched(originals)
+    for _ in range(2):
+        with block:
+            assert settings.current() == Settings("xla")
+    assert settings.current() is None
+    _assert_unpatched(originals)
+
+
+def test_enable_and_disable_decorate_without_parentheses() -> None:
+    @flashpatch.enable
+    def enabled() -> Settings | None:
+        return settings.current()
+
+    @flashpatch.disable
+    def disabled() -> Settings | None:
+        return settings.current()
+
+    assert enabled.__name__ == "enabled"
+    assert enabled() == Settings()
+    with flashpatch.enable("xla"):
+        assert disabled() is None
+        assert enabled() == Settings()
+        assert settings.current() == Settings("xla")
+    assert settings.current() is None
+
+
+def test_a_failure_while_entering_leaves_nothing_patched(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flashpatch import jit_cache
+
+    originals = _originals()
+
+    def broken(key):
+        raise RuntimeError("no cache key today")
+
+    monkeypatch.setattr(jit_cache, "keyed", broken)
+    with pytest.raises(RuntimeError, match="no cache key today"), flashpatch.enable("xla"):
+        pass
+    monkeypatch.undo()
+    assert settings.current() is None
+    _assert_unpatched(originals)
