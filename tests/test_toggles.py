@@ -464,6 +464,40 @@ def test_leaving_a_block_on_another_thread_raises_and_unpatches_the_thread_that_
     _assert_unpatched(originals)
 
 
+def _patched_gemma() -> gemma.Module:
+    return flashpatch.patch(backend="xla")(_linen_gemma)()
+
+
+def test_a_patched_model_pickles_and_stays_patched(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pickle
+
+    pickle.dumps(_linen_gemma())  # the control: the unpatched model pickles
+    model = pickle.loads(pickle.dumps(_patched_gemma()))
+    calls = spy_attention(monkeypatch)
+    jax.eval_shape(lambda: nn.Module.init(model, jax.random.PRNGKey(0), method="init", use_adarms=[False]))
+    assert calls and all(c.settings == Settings("xla") for c in calls), "the unpickled model runs unpatched"
+
+    # openpi's Pi0 pattern: the linen Gemma inside NNX.
+    nnx_model = pickle.loads(pickle.dumps(flashpatch.patch(backend="xla")(_Pi0Like)(nnx.Rngs(0))))
+    xs, positions, mask = _call_inputs()
+    del calls[:]
+    jax.eval_shape(lambda: nnx_model(xs, positions, mask))
+    assert calls and all(c.settings == Settings("xla") for c in calls), "the unpickled NNX model runs unpatched"
+    assert settings.current() is None and interception.bound_targets() == {}, "flashpatch leaked out of the model"
+
+
+def test_a_clone_of_a_patched_model_stays_patched(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _patched_gemma()
+    calls = spy_attention(monkeypatch)
+    for clone in (model.clone(), model.copy(), model.clone(embed_dtype="float32")):
+        del calls[:]
+        jax.eval_shape(lambda m=clone: nn.Module.init(m, jax.random.PRNGKey(0), method="init", use_adarms=[False]))
+        assert calls and all(c.settings == Settings("xla") for c in calls), "the clone runs unpatched"
+    del calls[:]
+    jax.eval_shape(lambda: nn.Module.init(_linen_gemma(), jax.random.PRNGKey(0), method="init", use_adarms=[False]))
+    assert calls == [], "cloning a patched model patched a model it did not make"
+
+
 def test_one_enable_object_enters_nested_and_in_sequence() -> None:
     originals = _originals()
     block = flashpatch.enable("xla")

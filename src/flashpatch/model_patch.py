@@ -1,7 +1,9 @@
-"""@flashpatch.patch and patch_model: models that run their attention through flashpatch.
+"""@flashpatch.patch and patch_model: models that run their attention through flashpatch wherever they go.
 
 A patched linen module carries, on the instance, its own linen entry points (init, apply, ...), each run
-inside an ON frame of its settings.
+inside an ON frame of its settings, and its own `clone`, which patches what it returns. They are small
+top-level classes rather than closures, so the model pickles, and flax's `clone` (which copies dataclass
+fields, not instance attributes) and `copy` hand back patched modules as well.
 """
 
 from __future__ import annotations
@@ -22,6 +24,41 @@ F = TypeVar("F", bound=Callable[..., Any])
 LINEN_ENTRY_POINTS = ("init", "init_with_output", "apply", "lazy_init")
 
 
+class PatchedEntry:
+    """One linen entry point of one patched module: the class's method, run inside an ON frame."""
+
+    def __init__(self, module: nn.Module, name: str, settings: Settings) -> None:
+        self.module, self.name, self.settings = module, name, settings
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with switch.entered(self.settings):
+            return getattr(type(self.module), self.name)(self.module, *args, **kwargs)
+
+    @property
+    def __name__(self) -> str:
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"<{type(self.module).__name__}.{self.name} patched by flashpatch ({self.settings})>"
+
+
+class PatchedClone:
+    """`clone` of one patched module: the class's clone, patched with the same settings."""
+
+    def __init__(self, module: nn.Module, settings: Settings) -> None:
+        self.module, self.settings = module, settings
+
+    @property
+    def __name__(self) -> str:
+        return "clone"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> nn.Module:
+        return _patch_linen(type(self.module).clone(self.module, *args, **kwargs), self.settings)
+
+    def __repr__(self) -> str:
+        return f"<{type(self.module).__name__}.clone patched by flashpatch ({self.settings})>"
+
+
 @overload
 def patch(factory: F) -> F: ...
 @overload
@@ -33,7 +70,7 @@ def patch(factory: Callable[..., Any] | None = None, *, backend: str = "auto", v
 
     The factory may return a Flax linen module or an NNX object holding linen modules (openpi's
     Pi0 wraps its Gemma through `nnx.bridge.ToNNX`). Their `init`/`apply` run inside `enable()`;
-    the linen module objects survive `nnx.split`/`nnx.merge`, so the patch does too.
+    the linen module objects survive `nnx.split`/`nnx.merge`, pickling and `clone`, so the patch does too.
     """
     chosen = Settings(backend=backend, verify=verify)
     if factory is not None and not callable(factory):
@@ -70,22 +107,10 @@ def patch_model(model: Any, *, backend: str = "auto", verify: bool = False) -> A
 
 def _patch_linen(module: nn.Module, settings: Settings) -> nn.Module:
     for name in LINEN_ENTRY_POINTS:
-        if getattr(type(module), name) is not getattr(nn.Module, name):
-            continue  # the class redefines it; linen's are enough
-        method = getattr(module, name)
-        original = getattr(method, "__flashpatch_unpatched__", method)
-        object.__setattr__(module, name, _under(settings, original))
+        if getattr(type(module), name) is getattr(nn.Module, name):
+            object.__setattr__(module, name, PatchedEntry(module, name, settings))
+    object.__setattr__(module, "clone", PatchedClone(module, settings))
     return module
-
-
-def _under(chosen: Settings, method: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(method)
-    def run(*args, **kwargs):
-        with switch.entered(chosen):
-            return method(*args, **kwargs)
-
-    run.__flashpatch_unpatched__ = method
-    return run
 
 
 def _linen_modules(model: Any) -> Iterator[nn.Module]:
