@@ -13,6 +13,8 @@ warns about those already imported; this one is imported before pytest starts, a
 import os
 import warnings
 
+#: flashpatch.settings.OFF_SPELLINGS, copied: importing it would load flashpatch while FLASHPATCH is off
+#: (tests/test_autoload.py checks that the two agree).
 _OFF = ("", "0", "false", "off", "no")
 _warned = set()
 

@@ -10,7 +10,7 @@ import jax
 import pytest
 
 import flashpatch
-from flashpatch import backends, diagnostics, interception, settings
+from flashpatch import backends, diagnostics, interception, switch
 from flashpatch.testing import register
 
 register()
@@ -62,12 +62,12 @@ def pytest_collection_modifyitems(config, items):
 def _clean_flashpatch():
     """Every test starts and ends with flashpatch off and nothing patched (unless a session-wide install)."""
     diagnostics.forget()
-    session_default = settings.get_default()
+    session_default = switch.default()
     yield
-    if settings.get_default() != session_default:
+    if switch.default() != session_default:
         flashpatch.uninstall()
         if session_default is not None:
             flashpatch.install(backend=session_default.backend, verify=session_default.verify)
-    assert not getattr(settings._local, "stack", []), "a test left an enable() block open"
+    assert not switch.open_frames(), "a test left an enable() block open"
     if session_default is None:
         assert not interception.bound_targets(), "a test left targets patched"

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flashpatch import core, drift
+from flashpatch import core
 from flashpatch.backends.base import DenseBackend
 from flashpatch.settings import Settings
 from flashpatch.testing import gemma
@@ -74,15 +74,14 @@ class AttentionCall:
 def spy_attention(monkeypatch: pytest.MonkeyPatch) -> list[AttentionCall]:
     """Record each call a patched model makes into flashpatch's attention core.
 
-    Patched modules look `core.attention` up at call time. Calls made by the layout guard's
-    abstract dry run (once per module and input shapes) are not the model's and are left out.
+    Patched modules look `core.attention` up at call time. The layout guard's abstract dry run (once
+    per module and input shapes) goes through its own shape-only core, so it is not recorded.
     """
     calls: list[AttentionCall] = []
     real = core.attention
 
     def spy(*args, **kwargs):
-        if not drift.checking():
-            calls.append(AttentionCall(kwargs.get("settings"), kwargs.get("site", ""), threading.get_ident()))
+        calls.append(AttentionCall(kwargs.get("settings"), kwargs.get("site", ""), threading.get_ident()))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(core, "attention", spy)

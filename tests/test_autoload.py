@@ -86,6 +86,15 @@ def test_off_imports_nothing(tmp_path: pathlib.Path) -> None:
     assert done.stderr == ""
 
 
+def test_the_hook_reads_off_as_settings_does(tmp_path: pathlib.Path) -> None:
+    """The hook decides "off" before importing flashpatch, with its own copy of the spellings: the same ones."""
+    code = (
+        "import _flashpatch_autoload as hook; from flashpatch import settings\n"
+        "print(set(hook._OFF) == set(settings.OFF_SPELLINGS))"
+    )
+    assert run_python(code, tmp_path).stdout.strip() == "True"
+
+
 @pytest.mark.parametrize("value", ["0", "off", "false"])
 def test_explicitly_off_imports_nothing(tmp_path: pathlib.Path, value: str) -> None:
     done = run_python("import _flashpatch_autoload; " + LIST_HEAVY, tmp_path, FLASHPATCH=value)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 import flashpatch
@@ -80,17 +82,6 @@ def test_bad_enable_opens_nothing() -> None:
     assert not interception.bound_targets()
 
 
-def test_install_from_env() -> None:
-    chosen = flashpatch.install_from_env({"FLASHPATCH": "1", "FLASHPATCH_BACKEND": "reference"})
-    try:
-        assert chosen == Settings(backend="reference")
-        assert flashpatch.installed() == chosen
-    finally:
-        flashpatch.uninstall()
-    assert flashpatch.install_from_env({"FLASHPATCH": "off"}) is None
-    assert flashpatch.installed() is None
-
-
 def test_backend_names_follow_the_registry() -> None:
     """Settings, FLASHPATCH_BACKEND and backend_names() read the one registry: a new backend is accepted
     everywhere once registered, and nowhere after."""
@@ -109,3 +100,11 @@ def test_backend_names_follow_the_registry() -> None:
         backends.unregister("toy")
     with pytest.raises(ValueError, match="FLASHPATCH_BACKEND"):
         from_env({"FLASHPATCH": "1", "FLASHPATCH_BACKEND": "toy"})
+
+
+def test_a_bad_flag_lists_every_accepted_spelling() -> None:
+    """`FLASHPATCH=yes` works, so the error for a typo must say so (it listed 1/0/true/false/on/off only)."""
+    with pytest.raises(ValueError, match="environment variable FLASHPATCH must be") as caught:
+        from_env({"FLASHPATCH": "maybe"})
+    listed = set(re.findall(r"\w+", str(caught.value).split("; got")[0]))
+    assert {"1", "true", "on", "yes", "0", "false", "off", "no", "empty"} <= listed, caught.value

@@ -434,3 +434,118 @@ def test_patch_rejects_what_it_cannot_patch() -> None:
         flashpatch.patch("xla")  # type: ignore[call-overload]
     with pytest.raises(ValueError, match="backend must be one of"):
         flashpatch.patch(backend="nope")
+
+
+# --- what users found, each fixed (these tests failed before the fixes) ----------------------------------
+
+
+def test_leaving_a_block_on_another_thread_raises_and_unpatches_the_thread_that_entered_it() -> None:
+    from patching import ZeroBackend, ran_patched
+
+    from flashpatch import backends
+
+    tiny = tiny_attention()
+    originals = _originals()
+    with backends.override("xla", ZeroBackend()):
+        run = jax.jit(lambda params: tiny(params))
+        block = flashpatch.enable("xla")
+        block.__enter__()
+        assert ran_patched(run(tiny.params))
+        with pytest.raises(RuntimeError, match=r"entered on thread .* left on thread"):
+            _in_thread(lambda: block.__exit__(None, None, None))
+        assert settings.current() is None, "the thread that entered the block still runs patched"
+        _assert_unpatched(originals)
+        assert not ran_patched(run(tiny.params)), "a function compiled inside the block still runs patched"
+        with flashpatch.enable("xla"):  # this thread's next block: patched again, freshly traced
+            assert settings.current() == Settings("xla")
+            assert ran_patched(run(tiny.params))
+        assert not ran_patched(run(tiny.params))
+        block.__exit__(None, None, None)  # the entering thread may still leave it: a no-op now
+    _assert_unpatched(originals)
+
+
+def _patched_gemma() -> gemma.Module:
+    return flashpatch.patch(backend="xla")(_linen_gemma)()
+
+
+def test_a_patched_model_pickles_and_stays_patched(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pickle
+
+    pickle.dumps(_linen_gemma())  # the control: the unpatched model pickles
+    model = pickle.loads(pickle.dumps(_patched_gemma()))
+    calls = spy_attention(monkeypatch)
+    jax.eval_shape(lambda: nn.Module.init(model, jax.random.PRNGKey(0), method="init", use_adarms=[False]))
+    assert calls and all(c.settings == Settings("xla") for c in calls), "the unpickled model runs unpatched"
+
+    # openpi's Pi0 pattern: the linen Gemma inside NNX.
+    nnx_model = pickle.loads(pickle.dumps(flashpatch.patch(backend="xla")(_Pi0Like)(nnx.Rngs(0))))
+    xs, positions, mask = _call_inputs()
+    del calls[:]
+    jax.eval_shape(lambda: nnx_model(xs, positions, mask))
+    assert calls and all(c.settings == Settings("xla") for c in calls), "the unpickled NNX model runs unpatched"
+    assert settings.current() is None and interception.bound_targets() == {}, "flashpatch leaked out of the model"
+
+
+def test_a_clone_of_a_patched_model_stays_patched(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _patched_gemma()
+    calls = spy_attention(monkeypatch)
+    for clone in (model.clone(), model.copy(), model.clone(embed_dtype="float32")):
+        del calls[:]
+        jax.eval_shape(lambda m=clone: nn.Module.init(m, jax.random.PRNGKey(0), method="init", use_adarms=[False]))
+        assert calls and all(c.settings == Settings("xla") for c in calls), "the clone runs unpatched"
+    del calls[:]
+    jax.eval_shape(lambda: nn.Module.init(_linen_gemma(), jax.random.PRNGKey(0), method="init", use_adarms=[False]))
+    assert calls == [], "cloning a patched model patched a model it did not make"
+
+
+def test_one_enable_object_enters_nested_and_in_sequence() -> None:
+    originals = _originals()
+    block = flashpatch.enable("xla")
+    with block as outer:
+        with block as inner:
+            assert outer == inner == Settings("xla") == settings.current()
+            with flashpatch.disable():
+                assert settings.current() is None
+        assert settings.current() == Settings("xla")
+        _assert_patched(originals)
+    assert settings.current() is None
+    _assert_unpatched(originals)
+    for _ in range(2):
+        with block:
+            assert settings.current() == Settings("xla")
+    assert settings.current() is None
+    _assert_unpatched(originals)
+
+
+def test_enable_and_disable_decorate_without_parentheses() -> None:
+    @flashpatch.enable
+    def enabled() -> Settings | None:
+        return settings.current()
+
+    @flashpatch.disable
+    def disabled() -> Settings | None:
+        return settings.current()
+
+    assert enabled.__name__ == "enabled"
+    assert enabled() == Settings()
+    with flashpatch.enable("xla"):
+        assert disabled() is None
+        assert enabled() == Settings()
+        assert settings.current() == Settings("xla")
+    assert settings.current() is None
+
+
+def test_a_failure_while_entering_leaves_nothing_patched(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flashpatch import jit_cache
+
+    originals = _originals()
+
+    def broken(key):
+        raise RuntimeError("no cache key today")
+
+    monkeypatch.setattr(jit_cache, "keyed", broken)
+    with pytest.raises(RuntimeError, match="no cache key today"), flashpatch.enable("xla"):
+        pass
+    monkeypatch.undo()
+    assert settings.current() is None
+    _assert_unpatched(originals)

@@ -15,7 +15,6 @@ otherwise warn that it cannot rewrite a module of a plugin's distribution.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.2.0"
@@ -23,9 +22,10 @@ __version__ = "0.2.0"
 if TYPE_CHECKING:
     from flashpatch.core import attention
     from flashpatch.diagnostics import FlashpatchWarning
+    from flashpatch.model_patch import patch, patch_model
     from flashpatch.settings import Settings
     from flashpatch.targets import register as register_target
-    from flashpatch.toggles import disable, enable, install, installed, patch, patch_model, uninstall
+    from flashpatch.toggles import disable, enable, install, installed, uninstall
 
 #: public name -> (module, attribute); attribute None: the module itself.
 _LAZY: dict[str, tuple[str, str | None]] = {
@@ -37,8 +37,8 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "enable": ("flashpatch.toggles", "enable"),
     "install": ("flashpatch.toggles", "install"),
     "installed": ("flashpatch.toggles", "installed"),
-    "patch": ("flashpatch.toggles", "patch"),
-    "patch_model": ("flashpatch.toggles", "patch_model"),
+    "patch": ("flashpatch.model_patch", "patch"),
+    "patch_model": ("flashpatch.model_patch", "patch_model"),
     "uninstall": ("flashpatch.toggles", "uninstall"),
 }
 _SUBMODULES = (
@@ -53,9 +53,11 @@ _SUBMODULES = (
     "jit_cache",
     "masks",
     "meshes",
+    "model_patch",
     "openpi_sites",
     "selection",
     "settings",
+    "switch",
     "targets",
     "testing",
     "toggles",
@@ -87,16 +89,6 @@ def backend_names() -> tuple[str, ...]:
     return backends.choices()
 
 
-def install_from_env(environ: Mapping[str, str] | None = None) -> Settings | None:
-    """Install process-wide as FLASHPATCH / FLASHPATCH_BACKEND / FLASHPATCH_VERIFY ask; None if off."""
-    from flashpatch import settings, toggles
-
-    chosen = settings.from_env(environ)
-    if chosen is not None:
-        toggles.install(backend=chosen.backend, verify=chosen.verify)
-    return chosen
-
-
 __all__ = [
     "FlashpatchWarning",
     "Settings",
@@ -106,7 +98,6 @@ __all__ = [
     "disable",
     "enable",
     "install",
-    "install_from_env",
     "installed",
     "patch",
     "patch_model",

@@ -9,43 +9,25 @@ input shapes); where they differ, the original runs, with one warning saying whe
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Iterator
 from typing import Any
 
 import jax
 
+from flashpatch import core, switch
+from flashpatch.backends.reference import reference_attention
+from flashpatch.settings import Settings
+from flashpatch.switch import Mode
 from flashpatch.targets.base import Target
 
-_local = threading.local()
 _layouts: dict[tuple, str | None] = {}
 
 
-def checking() -> bool:
-    """True while the guard traces a module (the replacement then skips backend choice and messages)."""
-    return getattr(_local, "checking", False)
+def layout_drift(target: Target, instance: Any, args: tuple, kwargs: dict, settings: Settings) -> str | None:
+    """Where the replacement's variables or outputs differ from the original's, or None.
 
-
-def bypassed() -> bool:
-    """True while the guard traces the original (the gate then runs it unpatched)."""
-    return getattr(_local, "bypass", False)
-
-
-@contextlib.contextmanager
-def _flag(name: str) -> Iterator[None]:
-    previous = getattr(_local, name, False)
-    setattr(_local, name, True)
-    try:
-        yield
-    finally:
-        setattr(_local, name, previous)
-
-
-def layout_drift(target: Target, instance: Any, args: tuple, kwargs: dict) -> str | None:
-    """Where the replacement's variables or outputs differ from the original's, or None."""
-    if checking():
-        return None
+    The two passes run in frames of their own on this thread's stack (modes TRACE_ORIGINAL and
+    TRACE_REPLACEMENT), which tell the gate what to do and key any jit inside them apart.
+    """
     leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
     is_array = [hasattr(x, "shape") and hasattr(x, "dtype") for x in leaves]
     fields = tuple(
@@ -58,27 +40,40 @@ def layout_drift(target: Target, instance: Any, args: tuple, kwargs: dict) -> st
     if key in _layouts:
         return _layouts[key]
 
-    clone = instance.clone(parent=None)
+    # Through the class, not the instance: a module patched by flashpatch.patch_model has its own entry
+    # points and clone on the instance, which would open an ON frame over the guard's.
+    module_type = type(instance)
+    clone = module_type.clone(instance, parent=None)
     dynamic = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x, a in zip(leaves, is_array, strict=True) if a]
 
     def abstract_init() -> Any:
-        # A new function per pass: jax.eval_shape caches traces on the function object, and the
-        # bypass flag is not in that cache's key, so reusing one would hand the second pass the
-        # first pass's result (and no drift would ever be seen).
+        # A new function per pass: jax.eval_shape caches traces on the function object (the passes'
+        # jit keys differ too, but the guard does not lean on that alone).
         def init(*arrays):
             it = iter(arrays)
             filled = [next(it) if a else x for x, a in zip(leaves, is_array, strict=True)]
             call_args, call_kwargs = jax.tree_util.tree_unflatten(treedef, filled)
-            return clone.init_with_output(jax.random.PRNGKey(0), *call_args, **call_kwargs)
+            return module_type.init_with_output(clone, jax.random.PRNGKey(0), *call_args, **call_kwargs)
 
         return jax.eval_shape(init, *dynamic)
 
-    with _flag("checking"), _flag("bypass"):
+    with switch.entered(settings, Mode.TRACE_ORIGINAL):
         original = abstract_init()
-    with _flag("checking"):
+    with switch.entered(settings, Mode.TRACE_REPLACEMENT):
         replaced = abstract_init()
     _layouts[key] = reason = compare(original, replaced)
     return reason
+
+
+def shape_only_core(
+    q: jax.Array, k: jax.Array, v: jax.Array, attn_mask: jax.Array, *, probs_dtype=None, causal_runs: bool = True
+) -> jax.Array:
+    """The attention core of the replacement's abstract pass: openpi's math, no backend choice, no messages.
+
+    Only shapes and dtypes come out of that pass, so no platform or backend is asked about.
+    """
+    core.check_inputs(q, k, v, attn_mask)
+    return reference_attention(q, k, v, attn_mask[:, 0], q.dtype if probs_dtype is None else probs_dtype)
 
 
 def compare(original: Any, replaced: Any) -> str | None:

@@ -1,9 +1,11 @@
 """Swap each target class's `__call__` for a gate while flashpatch is in use anywhere.
 
-The gate costs one thread-local read when flashpatch is off on the calling thread. When it is on,
-the gate runs the original method under a Flax method interceptor
-(`flax.linen.intercept_methods`), so that the replacement runs inside the module's own compact
-context and creates its submodules and parameters exactly where the original would.
+The gate reads the calling thread's frame (`switch.top()`, one thread-local read) and does what its
+mode says: OFF and TRACE_ORIGINAL call the original at once; ON and TRACE_REPLACEMENT run the original
+under a Flax method interceptor (`flax.linen.intercept_methods`), so that the replacement runs inside
+the module's own compact context and creates its submodules and parameters exactly where the original
+would. ON goes through the drift guard and the attention core; TRACE_REPLACEMENT is the drift guard's own
+abstract pass, with its shape-only core.
 
 Targets bind lazily: a wrapt post-import hook binds a target when its module is imported, so
 flashpatch can be enabled before or after openpi is imported. When the last user lets go, every
@@ -24,9 +26,8 @@ from typing import Any
 import flax.linen as nn
 import wrapt
 
-from flashpatch import core, diagnostics, drift, settings, targets, verify
-from flashpatch.backends.reference import reference_attention
-from flashpatch.settings import Settings
+from flashpatch import core, diagnostics, drift, switch, targets, verify
+from flashpatch.switch import Frame, Mode
 from flashpatch.targets.base import Target
 
 _lock = threading.RLock()
@@ -36,7 +37,7 @@ _hooked: set[str] = set()
 
 
 def acquire() -> None:
-    """One more user (an open enable() block or a process default): bind targets on the first."""
+    """One more user (a frame that is not OFF, or a process default): bind targets on the first."""
     global _users
     with _lock:
         _users += 1
@@ -116,10 +117,10 @@ def _gate(target: Target, original: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(original, updated=())
     def flashpatch_gate(self, *args, **kwargs):
-        active = settings.current()
-        if active is None or drift.bypassed():
+        frame = switch.top()
+        if frame.mode is Mode.OFF or frame.mode is Mode.TRACE_ORIGINAL:
             return original(self, *args, **kwargs)
-        interceptor = functools.partial(_intercept, target, signature, self, active)
+        interceptor = functools.partial(_intercept, target, signature, self, frame)
         with nn.intercept_methods(interceptor):
             return original(self, *args, **kwargs)
 
@@ -127,7 +128,7 @@ def _gate(target: Target, original: Callable[..., Any]) -> Callable[..., Any]:
     return flashpatch_gate
 
 
-def _intercept(target, signature, instance, active: Settings, next_fun, args, kwargs, context):
+def _intercept(target, signature, instance, frame: Frame, next_fun, args, kwargs, context):
     if context.module is not instance or context.method_name != "__call__":
         return next_fun(*args, **kwargs)
     call = signature.bind(instance, *args, **kwargs)
@@ -135,7 +136,10 @@ def _intercept(target, signature, instance, active: Settings, next_fun, args, kw
     arguments = dict(call.arguments)
     arguments.pop(next(iter(signature.parameters)))
     target.adapter.check(instance, arguments)  # before the layout check runs the original on bad input
-    reason = drift.layout_drift(target, instance, args, kwargs)
+    if frame.mode is Mode.TRACE_REPLACEMENT:
+        return target.adapter.forward(instance, arguments, drift.shape_only_core)
+    active = frame.settings
+    reason = drift.layout_drift(target, instance, args, kwargs, active)
     if reason is not None:
         diagnostics.warn_once(
             ("layout", target.site, reason),
@@ -149,13 +153,5 @@ def _intercept(target, signature, instance, active: Settings, next_fun, args, kw
             "(flax rejects callbacks in a scanned body); the patched calls run without the comparison.",
         )
         active = dataclasses.replace(active, verify=False)
-    if drift.checking():
-        attend = _shape_only_core  # the drift guard traces abstractly; no backend choice, no messages
-    else:
-        attend = functools.partial(core.attention, settings=active, site=target.site)
+    attend = functools.partial(core.attention, settings=active, site=target.site)
     return target.adapter.forward(instance, arguments, attend)
-
-
-def _shape_only_core(q, k, v, attn_mask, *, probs_dtype, causal_runs: bool = True):
-    core.check_inputs(q, k, v, attn_mask)
-    return reference_attention(q, k, v, attn_mask[:, 0], probs_dtype or q.dtype)

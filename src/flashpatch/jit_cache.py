@@ -79,3 +79,8 @@ def keyed(key: str | None) -> Iterator[None]:
 def set_global_key(key: str | None) -> None:
     """Key every thread that has no `keyed()` block of its own on `key`."""
     _get().set_global(key)
+
+
+def drop_compiled() -> None:
+    """Forget every function JAX has traced or compiled: for when a key in force no longer says what ran."""
+    jax.clear_caches()

@@ -1,23 +1,21 @@
-"""What flashpatch should do right now: per thread, with a process-wide default.
+"""What flashpatch can be asked to do: the Settings value, and the FLASHPATCH* variables that ask for it.
 
 Imports no JAX: the interpreter-start hook parses the environment with it before anything heavy loads.
-
-`enable()` pushes settings for the calling thread (like JAX's own config contexts, which are
-thread-local); the process-wide default comes from `FLASHPATCH*` environment variables or
-`flashpatch.set_default()`, and is what threads see when they have pushed nothing.
+Which settings are in force where (per thread, and the process default that `flashpatch.install()` sets
+and FLASHPATCH asks for) is `flashpatch.switch`'s; `current()` here reads it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import threading
 from collections.abc import Mapping
 
 from flashpatch import backends
 
-_TRUE = ("1", "true", "on", "yes")
-_FALSE = ("0", "false", "off", "no", "")
+#: What FLASHPATCH and FLASHPATCH_VERIFY accept, any case, surrounding spaces ignored.
+ON_SPELLINGS = ("1", "true", "on", "yes")
+OFF_SPELLINGS = ("0", "false", "off", "no", "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,54 +37,23 @@ class Settings:
         return f"flashpatch:{self.backend}:verify={int(self.verify)}"
 
 
-_default: Settings | None = None
-_local = threading.local()
-
-
-def _stack() -> list[Settings | None]:
-    stack = getattr(_local, "stack", None)
-    if stack is None:
-        stack = _local.stack = []
-    return stack
-
-
 def current() -> Settings | None:
-    """The settings in force on this thread; None means flashpatch is off here."""
-    stack = _stack()
-    return stack[-1] if stack else _default
+    """The settings in force on the calling thread; None means flashpatch is off here (`switch.current`)."""
+    from flashpatch import switch  # imports JAX; this module must not, at import
 
-
-def push(settings: Settings | None) -> int:
-    stack = _stack()
-    stack.append(settings)
-    return len(stack)
-
-
-def pop(depth: int) -> None:
-    """Leave the block pushed at `depth` (blocks close innermost first: flashpatch.toggles sees to it)."""
-    stack = _stack()
-    if len(stack) != depth:
-        raise RuntimeError(f"flashpatch: settings stack at depth {len(stack)}, asked to leave depth {depth}")
-    stack.pop()
-
-
-def get_default() -> Settings | None:
-    return _default
-
-
-def swap_default(settings: Settings | None) -> Settings | None:
-    global _default
-    previous, _default = _default, settings
-    return previous
+    return switch.current()
 
 
 def parse_flag(name: str, value: str) -> bool:
+    """An on/off environment variable; the error lists every spelling accepted, so no typo needs a guess."""
     low = value.strip().lower()
-    if low in _TRUE:
+    if low in ON_SPELLINGS:
         return True
-    if low in _FALSE:
+    if low in OFF_SPELLINGS:
         return False
-    raise ValueError(f"environment variable {name} must be one of 1/0/true/false/on/off; got {value!r}")
+    on = ", ".join(ON_SPELLINGS)
+    off = ", ".join(s for s in OFF_SPELLINGS if s)
+    raise ValueError(f"environment variable {name} must be one of {on} (on) or {off}, or empty (off); got {value!r}")
 
 
 def from_env(environ: Mapping[str, str] | None = None) -> Settings | None:

@@ -1,195 +1,118 @@
-"""The ways to turn flashpatch on: a context manager, a process-wide default, a factory decorator."""
+"""The ways to switch flashpatch on and off: enable()/disable() blocks and the process default (install).
+
+The state they change is `flashpatch.switch`'s; this module is the public face of it.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
-import flax.linen as nn
-
-from flashpatch import interception, jit_cache, settings
+from flashpatch import switch
 from flashpatch.settings import Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
-_default_lock = threading.Lock()
 
 
-class _Block:
-    """One open enable()/disable() block: its hold on the targets, its settings, its jit-cache key."""
+class Block:
+    """What enable() and disable() return: a context manager and a decorator, re-entrant and reusable.
 
-    def __init__(self, new: Settings | None):
-        self.stack = contextlib.ExitStack()
-        interception.acquire()
-        self.stack.callback(interception.release)
-        depth = settings.push(new)
-        self.stack.callback(settings.pop, depth)
-        self.stack.enter_context(jit_cache.keyed(new.cache_key if new else "off"))
-
-
-_open = threading.local()
-
-
-def _blocks() -> list[_Block]:
-    blocks = getattr(_open, "blocks", None)
-    if blocks is None:
-        blocks = _open.blocks = []
-    return blocks
-
-
-@contextlib.contextmanager
-def _activate(new: Settings | None) -> Iterator[Settings | None]:
-    block = _Block(new)
-    _blocks().append(block)
-    try:
-        yield new
-    finally:
-        _close(block)
-
-
-def _close(block: _Block) -> None:
-    """Close `block` and, if it is not the innermost, every block opened inside it, innermost first.
-
-    Each block restores what it found when it opened, so closing in that order leaves the thread exactly as
-    it was before `block` (settings, jit-cache key, patched classes), however the blocks were left.
+    Each `with` opens a frame of its own on the calling thread, so one object can be entered again inside
+    itself, in sequence, or on several threads at once; each exit leaves the calling thread's innermost
+    frame of this object. Leaving it on a thread where it is not open is an error (see `switch.leave`).
     """
-    blocks = _blocks()
-    if block not in blocks:
-        return  # already closed, when a block around it was left first
-    index = blocks.index(block)
-    inner = blocks[index + 1 :]
-    del blocks[index:]
-    for open_block in reversed([block, *inner]):
-        open_block.stack.close()
-    if inner:
-        raise RuntimeError(
-            "flashpatch: enable()/disable() blocks were left out of order (an outer block ended while an inner "
-            "one was open); both are now closed on this thread. Leave nested blocks innermost first."
-        )
+
+    def __init__(self, settings: Settings | None) -> None:
+        self.settings = settings
+        self._frames: list[switch.Frame] = []
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        if self.settings is None:
+            return "flashpatch.disable()"
+        return f"flashpatch.enable({self.settings.backend!r}, verify={self.settings.verify})"
+
+    def __enter__(self) -> Settings | None:
+        frame = switch.enter(self.settings)
+        with self._lock:
+            self._frames.append(frame)
+        return self.settings
+
+    def __exit__(self, *exc_info: object) -> None:
+        switch.leave(self._take())
+
+    def _take(self) -> switch.Frame:
+        """The frame this exit leaves: the calling thread's latest of this object.
+
+        With none here but some on another thread, the latest of those, left where it is: `switch.leave`
+        turns it off and raises, and its own thread may still leave it (then a no-op).
+        """
+        here = threading.current_thread()
+        with self._lock:
+            mine = [frame for frame in self._frames if frame.thread is here]
+            if mine:
+                self._frames.remove(mine[-1])
+                return mine[-1]
+            if self._frames:
+                return self._frames[-1]
+        raise RuntimeError(f"{self!r} was left more often than it was entered")
+
+    def __call__(self, fn: F) -> F:
+        """Decorate `fn`: each call runs inside a block of its own."""
+        if not callable(fn):
+            raise TypeError(f"{self!r} decorates a function; got {fn!r}")
+
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            with self:
+                return fn(*args, **kwargs)
+
+        return run  # type: ignore[return-value]
 
 
-def enable(backend: str = "auto", *, verify: bool = False) -> contextlib.AbstractContextManager[Settings]:
+@overload
+def enable(backend: F, *, verify: bool = False) -> F: ...
+@overload
+def enable(backend: str = "auto", *, verify: bool = False) -> Block: ...
+
+
+def enable(backend: str | Callable[..., Any] = "auto", *, verify: bool = False) -> Block | Callable[..., Any]:
     """Patch openpi's attention on this thread for the duration of the block (or decorated call).
 
-    Nestable: the innermost block wins and leaving it restores what was there before. Other
-    threads are unaffected (they follow the process default, see `install`). Functions jitted
-    inside retrace when the settings differ from those they were traced with.
+    Nestable: the innermost block wins and leaving it restores what was there before. Other threads are
+    unaffected (they follow the process default, see `install`). Functions jitted inside retrace when the
+    settings differ from those they were traced with. `@flashpatch.enable` with no parentheses decorates a
+    function with the default settings.
     """
-    return _activate(Settings(backend=backend, verify=verify))
+    if callable(backend):
+        return Block(Settings(verify=verify))(backend)
+    return Block(Settings(backend=backend, verify=verify))
 
 
-def disable() -> contextlib.AbstractContextManager[None]:
-    """Run the original attention on this thread for the duration of the block."""
-    return _activate(None)
+@overload
+def disable(fn: F) -> F: ...
+@overload
+def disable(fn: None = None) -> Block: ...
+
+
+def disable(fn: Callable[..., Any] | None = None) -> Block | Callable[..., Any]:
+    """Run the original attention on this thread for the duration of the block (or decorated call)."""
+    block = Block(None)
+    return block if fn is None else block(fn)
 
 
 def install(backend: str = "auto", *, verify: bool = False) -> None:
     """Patch openpi's attention process-wide (every thread without its own enable()/disable())."""
-    _set_default(Settings(backend=backend, verify=verify))
+    switch.set_default(Settings(backend=backend, verify=verify))
 
 
 def uninstall() -> None:
     """Undo `install`. Harmless when nothing is installed."""
-    _set_default(None)
-
-
-def _set_default(new: Settings | None) -> None:
-    with _default_lock:
-        old = settings.swap_default(new)
-        if new is not None and old is None:
-            interception.acquire()
-        elif new is None and old is not None:
-            interception.release()
-        if new != old:
-            jit_cache.set_global_key(new.cache_key if new else None)
+    switch.set_default(None)
 
 
 def installed() -> Settings | None:
     """The process-wide settings, or None."""
-    return settings.get_default()
-
-
-@overload
-def patch(factory: F) -> F: ...
-@overload
-def patch(*, backend: str = "auto", verify: bool = False) -> Callable[[F], F]: ...
-
-
-def patch(factory: Callable[..., Any] | None = None, *, backend: str = "auto", verify: bool = False):
-    """Decorate a model factory: every model it returns runs its attention through flashpatch.
-
-    The factory may return a Flax linen module or an NNX object holding linen modules (openpi's
-    Pi0 wraps its Gemma through `nnx.bridge.ToNNX`). Their `init`/`apply` run inside `enable()`;
-    the linen module objects survive `nnx.split`/`nnx.merge`, so the patch does too.
-    """
-    chosen = Settings(backend=backend, verify=verify)
-    if factory is not None and not callable(factory):
-        raise TypeError(
-            "flashpatch.patch decorates a model factory and takes its options by keyword "
-            f"(@flashpatch.patch(backend=...)); got {factory!r}"
-        )
-
-    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(fn)
-        def patched_factory(*args, **kwargs):
-            model = fn(*args, **kwargs)
-            patch_model(model, backend=chosen.backend, verify=chosen.verify)
-            return model
-
-        return patched_factory
-
-    return decorate if factory is None else decorate(factory)
-
-
-_LINEN_ENTRY_POINTS = ("init", "init_with_output", "apply", "lazy_init")
-
-
-def patch_model(model: Any, *, backend: str = "auto", verify: bool = False) -> Any:
-    """Patch one model object in place (what `patch` does to each result). Returns the model."""
-    chosen = Settings(backend=backend, verify=verify)
-    modules = list(_linen_modules(model))
-    if not modules:
-        raise TypeError(
-            "flashpatch.patch needs a flax linen Module, or an NNX object holding linen modules "
-            f"(nnx.bridge.ToNNX); got {type(model).__name__}"
-        )
-    for module in modules:
-        for name in _LINEN_ENTRY_POINTS:
-            if getattr(type(module), name) is not getattr(nn.Module, name):
-                continue  # the class redefines it (openpi's Gemma has its own `init`); linen's are enough
-            method = getattr(module, name)
-            original = getattr(method, "__flashpatch_unpatched__", method)
-            object.__setattr__(module, name, _under(chosen, original))
-    return model
-
-
-def _under(chosen: Settings, method: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(method)
-    def run(*args, **kwargs):
-        with _activate(chosen):
-            return method(*args, **kwargs)
-
-    run.__flashpatch_unpatched__ = method
-    return run
-
-
-def _linen_modules(model: Any) -> Iterator[nn.Module]:
-    if isinstance(model, nn.Module):
-        yield model
-        return
-    try:
-        from flax import nnx
-    except ImportError:  # pragma: no cover - flax without nnx
-        return
-    # flax >= 0.11 roots NNX objects at nnx.Pytree (its nnx.Object is a deprecated sibling of Module);
-    # older flax roots them at nnx.Object.
-    if not isinstance(model, getattr(nnx, "Pytree", None) or nnx.Object):
-        return
-    for _, node in nnx.iter_graph(model):
-        if isinstance(node, nnx.bridge.ToNNX):
-            # flax >= 0.11 keeps the wrapped module in `to_nnx__module`, older flax in `module`.
-            module = getattr(node, "to_nnx__module", None) or getattr(node, "module", None)
-            if isinstance(module, nn.Module):
-                yield module
+    return switch.default()

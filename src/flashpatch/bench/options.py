@@ -14,9 +14,12 @@ OPENPI_CASES = (
     "pi0_train",
     "pi05_train",
     "pi0_long_train",
+    "pi0_fast_train",
+    "pi0_fast_long_train",
     "pi0_sample",
     "pi05_sample",
     "pi0_fast_sample",
+    "pi0_huge_train",  # pi0 at openpi_huge_prompt (T=16435), where the einsum runs out of memory on an H200
     "pi0_fit",  # the largest prompt that trains at openpi_long_batch, einsum vs auto (one compile per rung)
 )
 
@@ -59,10 +62,11 @@ class Options:
     # openpi's own models (scenario "openpi"): openpi from openpi_src, installed, or else the fixtures.
     openpi_src: Path | None = None
     openpi_size: str = "full"  # "full": openpi's Gemma 2B + 300M; "dummy": its dummy Gemma (SigLIP stays full)
-    openpi_cases: tuple[str, ...] = OPENPI_CASES[:-1]
+    openpi_cases: tuple[str, ...] = OPENPI_CASES[:-2]
     openpi_batch: int = 32  # pi0 / pi0.5 training at their default prompt lengths
     openpi_long_batch: int = 4
     openpi_long_prompt: int = 3328  # pi0 with 3 cameras: T = 768 + 3328 + 51 = 4147
+    openpi_huge_prompt: int = 15616  # T = 768 + 15616 + 51 = 16435
     openpi_grad_check: bool = True  # step-0 loss and gradients against the float32 model
     #: pi0_fit's rungs, T = 768 + prompt + 51: on the H200 the einsum stops between the first two, flashpatch
     #: runs all three (benchmarks/results/h200-2026-12-01-openpi-fit).
@@ -101,7 +105,7 @@ class Options:
         if unknown:
             raise ValueError(f"openpi_cases must be among {', '.join(OPENPI_CASES)}; got {', '.join(sorted(unknown))}")
         names = ("core_batch", "train_batch", "infer_batch", "decode_batch", "depth", "repeats", "input_sets")
-        for name in (*names, "openpi_batch", "openpi_long_batch", "openpi_long_prompt"):
+        for name in (*names, "openpi_batch", "openpi_long_batch", "openpi_long_prompt", "openpi_huge_prompt"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
 

@@ -4,8 +4,10 @@ Cases (each for every variant: the einsum, each backend asked for, `auto`, the c
 
 - `<model>_train`: one training step of openpi's `compute_loss(train=True)` (its image augmentation,
   remat and scan included), loss and gradients of every parameter, AdamW with global-norm clipping as
-  openpi's default optimizer; float32 parameters, bf16 compute. pi0 and pi0.5 at their default prompt
-  lengths, and pi0 with a long prompt (`pi0_long`).
+  openpi's default optimizer; float32 parameters, bf16 compute. pi0, pi0.5 and pi0-FAST at their default
+  prompt lengths; pi0 and pi0-FAST with a long prompt (`*_long_train`); pi0 with a huge one
+  (`pi0_huge_train`, asked for by name). pi0-FAST's training rows end in a causal run: the second half of
+  each row's prompt tokens, as its action tokens are.
 - `<model>_sample`: `sample_actions` (pi0 / pi0.5: prefill + 10 denoising steps; pi0-FAST: prefill and
   greedy decoding with the KV cache), bf16 parameters as openpi's policies load them.
 - `pi0_fit` (asked for by name): the largest prompt that trains pi0 at the long-prompt batch on this
@@ -52,6 +54,9 @@ def cases(options) -> list[Case]:
         "pi0_train": Case("pi0_train", "pi0", "train", o.openpi_batch),
         "pi05_train": Case("pi05_train", "pi05", "train", o.openpi_batch),
         "pi0_long_train": Case("pi0_long_train", "pi0", "train", o.openpi_long_batch, prompt),
+        "pi0_huge_train": Case("pi0_huge_train", "pi0", "train", o.openpi_long_batch, o.openpi_huge_prompt),
+        "pi0_fast_train": Case("pi0_fast_train", "pi0_fast", "train", o.openpi_batch),
+        "pi0_fast_long_train": Case("pi0_fast_long_train", "pi0_fast", "train", o.openpi_long_batch, prompt),
         "pi0_sample": Case("pi0_sample", "pi0", "sample", 1),
         "pi05_sample": Case("pi05_sample", "pi05", "sample", 1),
         "pi0_fast_sample": Case("pi0_fast_sample", "pi0_fast", "sample", 1),
@@ -83,7 +88,7 @@ class Batch:
         return jax.tree.unflatten(self.treedef, self.leaves if leaves is None else leaves)
 
 
-def fill_batch(config, batch: int, seed: int) -> Batch:
+def fill_batch(config, batch: int, seed: int, train: bool = False) -> Batch:
     """openpi's fake observation and actions with random content, padded prompts, a missing camera."""
     rng = np.random.default_rng(seed)
     obs = config.fake_obs(batch)
@@ -104,8 +109,11 @@ def fill_batch(config, batch: int, seed: int) -> Batch:
         tokenized_prompt_mask=jnp.asarray(prompt_mask),
     )
     if getattr(obs, "token_ar_mask", None) is not None:
-        fields["token_ar_mask"] = jnp.zeros_like(obs.token_ar_mask)
-        fields["token_loss_mask"] = jnp.asarray(prompt_mask)
+        # pi0-FAST: training rows end in a causal run (openpi's tokenizer puts the action tokens there);
+        # here the second half of each row's tokens. At sampling, the prompt is all prefix.
+        causal = prompt_mask & (np.arange(tokens)[None, :] >= (lengths // 2)[:, None]) if train else False
+        fields["token_ar_mask"] = jnp.asarray(np.asarray(causal, bool) & prompt_mask, obs.token_ar_mask.dtype)
+        fields["token_loss_mask"] = jnp.asarray(prompt_mask & causal if train else prompt_mask)
     leaves, treedef = jax.tree.flatten(
         (obs.replace(**fields), jnp.asarray(rng.uniform(-1, 1, actions.shape), actions.dtype))
     )
@@ -335,7 +343,8 @@ def run(harness: Harness) -> None:
         variants = [*harness.variants, Variant(ceiling.NAME)]
         for case in cases(o):
             built = Lazy(functools.partial(Built, _config(models, case, "bfloat16"), o.seed))
-            data = Lazy(functools.partial(fill_batch, _config(models, case, "bfloat16"), case.batch, o.seed))
+            config = _config(models, case, "bfloat16")
+            data = Lazy(functools.partial(fill_batch, config, case.batch, o.seed, case.kind == "train"))
             grads = Lazy(functools.partial(_float32_grads, models, case, built, data, o.seed))
             seq = _sequence_lazy(built, data, case)
             for variant in variants:
@@ -394,7 +403,7 @@ def fit(harness: Harness, models, variants: list[Variant]) -> None:
     for prompt in o.openpi_fit_prompts:
         case = Case("fit", "pi0", "train", o.openpi_long_batch, prompt)
         built = Lazy(functools.partial(Built, _config(models, case, "bfloat16"), o.seed))
-        data = Lazy(functools.partial(fill_batch, _config(models, case, "bfloat16"), case.batch, o.seed))
+        data = Lazy(functools.partial(fill_batch, _config(models, case, "bfloat16"), case.batch, o.seed, True))
         seq = _sequence_lazy(built, data, case)
         for variant in variants:
             body = _train_body(harness, variant, case, built, data, Lazy(lambda: None), seq)
