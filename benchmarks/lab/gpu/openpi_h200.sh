@@ -4,17 +4,20 @@
 #   .whl/         jaxtyping 0.2.36, beartype 0.19.0, ml_collections 1.0.0, augmax 0.4.1 (openpi's model code
 #                 needs them; the image has newer jaxtyping, which openpi's array_typing does not import with)
 #   .openpi/src/  openpi's src/ folder (git archive of github.com/Physical-Intelligence/openpi)
+#   .carry/dew/   (optional) dew-flash-attn's FA3 library and Python, from benchmarks/lab/gpu/carry_fa3.sh
 # Usage: bash benchmarks/lab/gpu/openpi_h200.sh STEP...   (logs and results under $OUT/<step>)
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || { echo "wheel install failed"; exit 1; }
-export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site:$PWD/src:$PWD/.carry/dew PYTHONUNBUFFERED=1
 {
   date -u
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
   python3 -c 'import importlib.metadata as m, platform; print("python", platform.python_version()); [print(n, m.version(n)) for n in ("jax","jaxlib","flax","optax","numpy","jaxtyping","beartype","torch","transformers","nvidia-cudnn-cu13")]'
+  python3 -c 'import dew_flash_attn as d; print("dew_flash_attn", d.__file__, d.ARCHITECTURES)' || echo "dew_flash_attn not importable"
+  git log --oneline -1 2>/dev/null; git status --short 2>/dev/null | head -5
 } > "$OUT/environment.txt" 2>&1
 cat "$OUT/environment.txt"
 bench() {  # bench NAME SECONDS ARGS...: one bench run under a hard time limit
@@ -34,6 +37,16 @@ for step in "$@"; do
     core_b8) bench core_b8 170 --scenarios core --core-batch 8 --core-sizes 768,1024,1280 --backends cudnn,cudnn_split,xla,auto --budget-s 140 ;;
     band_pi0) bench band_pi0 560 "${openpi[@]}" --backends cudnn,cudnn_split,xla,auto --openpi-cases pi0_train --openpi-batch 8 --budget-s 520 ;;
     backends_b32) bench backends_b32 450 "${openpi[@]}" --backends cudnn,xla --openpi-cases pi0_train --no-openpi-grad-check --budget-s 400 ;;
+    gpu_tests) echo "== gpu_tests"; timeout 300 python3 -m pytest -q -m gpu -x tests/test_backend_conformance.py -k "flash or cudnn" \
+        > "$OUT/gpu_tests.log" 2>&1; echo "== gpu_tests exit $?"; tail -n 15 "$OUT/gpu_tests.log" ;;
+    flash_core) bench flash_core 200 --scenarios core --core-batch 32 --core-sizes 870 --backends flash,cudnn_split,cudnn,auto --budget-s 170
+      bench flash_core_b2 200 --scenarios core --core-batch 2 --core-sizes 1024,2048,4096 --backends flash,cudnn_split,cudnn --budget-s 170 ;;
+    flash_band) bench flash_band 200 --scenarios core --core-batch 8 --core-sizes 768,1024,1280 --backends flash,cudnn_split,cudnn --budget-s 170 ;;
+    flash_core_16k) bench flash_core_16k 200 --scenarios core --core-batch 4 --core-sizes 16384 --backends flash,cudnn_split --budget-s 170 ;;
+    train_fast) bench train_fast 560 "${openpi[@]}" --backends auto --openpi-cases pi0_fast_train --budget-s 520 ;;
+    train_pi0_flash) bench train_pi0_flash 560 "${openpi[@]}" --backends auto --openpi-cases pi0_train --budget-s 520 ;;
+    train_long_flash) bench train_long_flash 400 "${openpi[@]}" --backends auto --openpi-cases pi0_long_train --budget-s 360 ;;
+    train_huge) bench train_huge 400 "${openpi[@]}" --backends auto --openpi-cases pi0_huge_train --no-openpi-grad-check --budget-s 360 ;;
     fit) bench fit 585 "${openpi[@]}" --backends auto --openpi-cases pi0_fit --openpi-fit-prompts 7424,15616,31744 --repeats 2 --budget-s 470 ;;
     *) echo "unknown step $step" ;;
   esac
