@@ -39,11 +39,11 @@ for step in "$@"; do
     backends_b32) bench backends_b32 450 "${openpi[@]}" --backends cudnn,xla --openpi-cases pi0_train --no-openpi-grad-check --budget-s 400 ;;
     gpu_tests) echo "== gpu_tests"; timeout 300 python3 -m pytest -q -m gpu -x tests/test_backend_conformance.py -k "flash or cudnn" \
         > "$OUT/gpu_tests.log" 2>&1; echo "== gpu_tests exit $?"; tail -n 15 "$OUT/gpu_tests.log" ;;
-    flash_core) bench flash_core 200 --scenarios core --core-batch 32 --core-sizes 870 --backends flash,cudnn_split,cudnn,auto --budget-s 170
-      bench flash_core_b2 200 --scenarios core --core-batch 2 --core-sizes 1024,2048,4096 --backends flash,cudnn_split,cudnn --budget-s 170 ;;
+    flash_core) bench flash_core_b32 110 --scenarios core --core-batch 32 --core-sizes 870 --backends flash,cudnn_split,cudnn --budget-s 95
+      bench flash_core_b2 100 --scenarios core --core-batch 2 --core-sizes 4096 --backends flash,cudnn_split,cudnn --budget-s 85 ;;
     flash_band) bench flash_band 200 --scenarios core --core-batch 8 --core-sizes 768,1024,1280 --backends flash,cudnn_split,cudnn --budget-s 170 ;;
     flash_core_16k) bench flash_core_16k 200 --scenarios core --core-batch 4 --core-sizes 16384 --backends flash,cudnn_split --budget-s 170 ;;
-    train_fast) bench train_fast 560 "${openpi[@]}" --backends auto --openpi-cases pi0_fast_train --budget-s 520 ;;
+    train_fast) bench train_fast 370 "${openpi[@]}" --backends auto --openpi-cases pi0_fast_train --budget-s 340 ;;
     train_pi0_flash) bench train_pi0_flash 560 "${openpi[@]}" --backends auto --openpi-cases pi0_train --budget-s 520 ;;
     train_long_flash) bench train_long_flash 400 "${openpi[@]}" --backends auto --openpi-cases pi0_long_train --budget-s 360 ;;
     train_huge) bench train_huge 400 "${openpi[@]}" --backends auto --openpi-cases pi0_huge_train --no-openpi-grad-check --budget-s 360 ;;

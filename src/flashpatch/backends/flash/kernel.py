@@ -10,24 +10,51 @@ Nothing here is imported before the backend is asked for.
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 from types import ModuleType
 
 import jax
 
-#: The library's install name per CUDA major of JAX's GPU plugin.
+#: The library's install name, and flashpatch's extra that installs it, per CUDA major of JAX's GPU plugin.
 WHEELS = {12: "dew-flash-attn-cu12", 13: "dew-flash-attn-cu13"}
+EXTRAS = {12: "flashpatch[flash]", 13: "flashpatch[flash-cu13]"}
 #: Head dims the kernels take (narrower ones are padded up by the library).
 MAX_HEAD_DIM = 256
 HALF_DTYPES = ("bfloat16", "float16")
 
 
+def _installed(name: str) -> bool:
+    try:
+        importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def cuda_majors() -> tuple[int | None, int | None]:
+    """(CUDA major of JAX's GPU plugin, CUDA major the installed dew-flash-attn wheel was built for); None: absent."""
+    jax_major = next((m for m in WHEELS if _installed(f"jax-cuda{m}-plugin")), None)
+    dew_major = next((m for m, wheel in WHEELS.items() if _installed(wheel)), None)
+    return jax_major, dew_major
+
+
+def install_hint(jax_major: int | None) -> str:
+    return f'pip install "{EXTRAS.get(jax_major or 12, EXTRAS[12])}"'
+
+
 @functools.cache
 def load() -> ModuleType | str:
     """The dew_flash_attn module, or why it cannot be used here (one sentence)."""
+    jax_major, dew_major = cuda_majors()
+    if jax_major and dew_major and jax_major != dew_major:
+        return (
+            f"the installed {WHEELS[dew_major]} is built for CUDA {dew_major} but JAX runs CUDA {jax_major}: "
+            f"pip uninstall {WHEELS[dew_major]} && {install_hint(jax_major)}"
+        )
     try:
         import dew_flash_attn
     except ImportError:
-        return 'dew-flash-attn is not installed (pip install "flashpatch[flash]")'
+        return f"dew-flash-attn is not installed ({install_hint(jax_major)}; it needs JAX 0.11.2 or newer)"
     except OSError as err:  # a library in the package failed to load
         return f"dew-flash-attn is installed but its kernel library failed to load ({err})"
     return dew_flash_attn
