@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 
@@ -59,3 +61,27 @@ class CountingXla(XlaBackend):
     def attend(self, q, k, v, mask, problem):
         self.calls += 1
         return super().attend(q, k, v, mask, problem)
+
+
+def computations(hlo: str) -> dict[str, str]:
+    """Optimised HLO text split into its computations, by name."""
+    found = {}
+    for block in re.split(r"\n(?=(?:ENTRY )?%)", hlo):
+        match = re.match(r"(?:ENTRY )?%([\w.\-]+)", block)
+        if match:
+            found[match.group(1)] = block
+    return found
+
+
+def called(name: str, comps: dict[str, str]) -> set[str]:
+    """`name` and every computation it calls, transitively."""
+    seen, todo = set(), [name]
+    while todo:
+        current = todo.pop()
+        if current in seen or current not in comps:
+            continue
+        seen.add(current)
+        todo += re.findall(r"(?:body|condition|to_apply|calls|branch_computations)=\{?%([\w.\-]+)", comps[current])
+        for group in re.findall(r"branch_computations=\{([^}]*)\}", comps[current]):
+            todo += re.findall(r"%([\w.\-]+)", group)
+    return seen

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import called, computations
 
 from flashpatch import backends, masks
 from flashpatch.backends import cudnn_split
@@ -238,30 +239,6 @@ def _inputs(eqn) -> list:
     return found
 
 
-def _computations(hlo: str) -> dict[str, str]:
-    """Optimised HLO text split into its computations, by name."""
-    found = {}
-    for block in re.split(r"\n(?=(?:ENTRY )?%)", hlo):
-        match = re.match(r"(?:ENTRY )?%([\w.\-]+)", block)
-        if match:
-            found[match.group(1)] = block
-    return found
-
-
-def _called(name: str, comps: dict[str, str]) -> set[str]:
-    """`name` and every computation it calls, transitively."""
-    seen, todo = set(), [name]
-    while todo:
-        current = todo.pop()
-        if current in seen or current not in comps:
-            continue
-        seen.add(current)
-        todo += re.findall(r"(?:body|condition|to_apply|calls|branch_computations)=\{?%([\w.\-]+)", comps[current])
-        for group in re.findall(r"branch_computations=\{([^}]*)\}", comps[current]):
-            todo += re.findall(r"%([\w.\-]+)", group)
-    return seen
-
-
 def test_mask_analysis_is_hoisted_out_of_the_layer_loop(on_xla) -> None:
     """Under a scan over layers (openpi's nn.scan) the sorts of the mask analysis depend on the mask
     alone, and XLA moves them out of the loop: the layout is computed once per forward pass."""
@@ -276,9 +253,9 @@ def test_mask_analysis_is_hoisted_out_of_the_layer_loop(on_xla) -> None:
         return jax.lax.scan(step, q, None, length=4)[0]
 
     hlo = jax.jit(layers).lower(q, k, v, mask).compile().as_text()
-    comps = _computations(hlo)
+    comps = computations(hlo)
     bodies = re.findall(r"while\(.*?body=%([\w.\-]+)", hlo)
     assert bodies, "expected the scan to stay a loop"
-    inside = set().union(*(_called(body, comps) for body in bodies))
+    inside = set().union(*(called(body, comps) for body in bodies))
     assert hlo.count(" sort(") >= 2
     assert not any(" sort(" in comps[name] for name in inside), "the mask's sorts run in every layer"

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import jax
 
-from flashpatch.backends import cudnn, xla
+from flashpatch.backends import cudnn, reference, xla
 from flashpatch.backends.base import ChainBackend, DenseBackend, Problem
 from flashpatch.backends.flash import kernel, segments
 from flashpatch.masks import MaskPlan
@@ -62,11 +62,17 @@ class FlashBackend(ChainBackend):
         return kernel.gpu_limits(cudnn.compute_capability(), tuple(module.ARCHITECTURES))
 
     def fallback_for(self, problem: Problem) -> DenseBackend:
-        """cuDNN's dense path where it runs this problem (Hopper), else the blockwise path (O(T) memory)."""
+        """For a mask this packing refuses: cuDNN's dense path where it runs (Hopper); else openpi's own
+        attention, or the blockwise path where the einsum's logits would not fit (never slower than
+        the original where the original runs)."""
+        from flashpatch import selection
+
         dense = cudnn.CudnnBackend(use_seq_lengths=False)
         if self.varlen is kernel.varlen and dense.unsupported(problem) is None:
             return dense
-        return self.fallback
+        if selection.einsum_would_not_fit(problem):
+            return self.fallback
+        return reference.ReferenceBackend()
 
     def accepts(self, plan: MaskPlan, problem: Problem) -> jax.Array:
         p = self._plan(plan)

@@ -38,9 +38,10 @@ import jax.numpy as jnp
 
 from flashpatch import masks
 
-#: Runs of equal rank a batch row may hold: pi0 with two missing cameras has five (three prefix
-#: pieces, the state token, the action block).
-CONSTANT_SLOTS = 6
+#: Runs of equal rank a batch row may hold. pi0 with three cameras has at most four (two prefix
+#: pieces around a missing camera, the state token, the action block); each slot costs a copy of
+#: the batch row's keys and three segments.
+CONSTANT_SLOTS = 4
 #: Causal staircases a batch row may hold: pi0-FAST has one (its suffix).
 CAUSAL_SLOTS = 1
 
