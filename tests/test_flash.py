@@ -204,8 +204,9 @@ def test_the_packing_is_hoisted_out_of_the_layer_loop(on_cpu) -> None:
     offsets depend on the mask alone: XLA moves them out of the loop, once per model call."""
     import re
 
-    import flashpatch
     from helpers import called, computations
+
+    import flashpatch
 
     on_cpu()
     q, k, v, mask = conformance.CASES["pi0_masked_image"].arrays("bfloat16")
