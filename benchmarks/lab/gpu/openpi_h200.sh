@@ -44,8 +44,10 @@ for step in "$@"; do
     flash_band) bench flash_band 200 --scenarios core --core-batch 8 --core-sizes 768,1024,1280 --backends flash,cudnn_split,cudnn --budget-s 170 ;;
     flash_core_16k) bench flash_core_16k 200 --scenarios core --core-batch 4 --core-sizes 16384 --backends flash,cudnn_split --budget-s 170 ;;
     train_fast) bench train_fast 370 "${openpi[@]}" --backends auto --openpi-cases pi0_fast_train --budget-s 340 ;;
-    train_pi0_flash) bench train_pi0_flash 560 "${openpi[@]}" --backends auto --openpi-cases pi0_train --budget-s 520 ;;
-    train_long_flash) bench train_long_flash 400 "${openpi[@]}" --backends auto --openpi-cases pi0_long_train --budget-s 360 ;;
+    train_pi0_flash) bench train_pi0_flash 230 "${openpi[@]}" --backends auto --openpi-cases pi0_train --no-openpi-grad-check --repeats 4 --budget-s 210 ;;
+    train_long_flash) bench train_long_flash 180 "${openpi[@]}" --backends auto --openpi-cases pi0_long_train --no-openpi-grad-check --repeats 4 --budget-s 160 ;;
+    pallas) echo "== pallas"; timeout 150 python3 benchmarks/lab/gpu/pallas_sweep.py --quick --budget 120 > "$OUT/pallas_sweep.log" 2>&1
+      echo "== pallas exit $?"; tail -n 30 "$OUT/pallas_sweep.log" ;;
     train_huge) bench train_huge 400 "${openpi[@]}" --backends auto --openpi-cases pi0_huge_train --no-openpi-grad-check --budget-s 360 ;;
     fit) bench fit 585 "${openpi[@]}" --backends auto --openpi-cases pi0_fit --openpi-fit-prompts 7424,15616,31744 --repeats 2 --budget-s 470 ;;
     *) echo "unknown step $step" ;;

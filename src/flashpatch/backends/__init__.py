@@ -40,6 +40,7 @@ _BUILT_IN: dict[str, Factory] = {
     "cudnn": "flashpatch.backends.cudnn:CudnnBackend",
     "cudnn_split": "flashpatch.backends.cudnn_split:CudnnSplitBackend",
     "flash": "flashpatch.backends.flash:FlashBackend",
+    "pallas": "flashpatch.backends.pallas:PallasBackend",
 }
 _lock = threading.RLock()
 _factories: dict[str, Factory] = dict(_BUILT_IN)

@@ -17,20 +17,19 @@ import jax
 import jax.numpy as jnp
 
 from flashpatch import backends
-from flashpatch.backends.base import Backend, Problem
-from flashpatch.masks import MaskPlan
+from flashpatch.backends.base import DenseBackend, Problem
 
 NAME = "ceiling"
 Q_WEIGHT = 1e-3
 
 
-class CeilingBackend(Backend):
+class CeilingBackend(DenseBackend):
     """Not attention: mean over keys of (k + v) per kv head, plus Q_WEIGHT * q. For the benchmark only."""
 
     name = NAME
     dtypes = ("float32", "bfloat16", "float16")
 
-    def attend(self, q, k, v, mask, plan: MaskPlan | None, problem: Problem) -> jax.Array:
+    def attend(self, q, k, v, mask, problem: Problem) -> jax.Array:
         n = q.shape[2]
         pooled = jnp.mean(k.astype(jnp.float32) + v.astype(jnp.float32), axis=1)  # (B, K, H)
         pooled = jnp.repeat(pooled, n // k.shape[2], axis=1)[:, None]  # (B, 1, N, H)
