@@ -1,0 +1,1 @@
+"""Pallas flash attention (placeholder)."""
