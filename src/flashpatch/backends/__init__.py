@@ -37,6 +37,7 @@ _BUILT_IN: dict[str, Factory] = {
     "kvax": "flashpatch.backends.kvax:KvaxBackend",
     "cudnn": "flashpatch.backends.cudnn:CudnnBackend",
     "cudnn_split": "flashpatch.backends.cudnn_split:CudnnSplitBackend",
+    "pallas": "flashpatch.backends.pallas:PallasBackend",
 }
 _lock = threading.RLock()
 _factories: dict[str, Factory] = dict(_BUILT_IN)
