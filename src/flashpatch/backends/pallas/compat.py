@@ -48,3 +48,29 @@ def dot(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = Fa
     contract_a = 0 if trans_a else 1
     contract_b = 1 if trans_b else 0
     return lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def pallas_call_names(closed_jaxpr) -> list[str]:
+    """The `name` of every pallas_call in a (closed) jaxpr, nested jaxprs included, in order.
+
+    0.12 keeps the name as a parameter of the equation; 0.5.3 only in the kernel jaxpr's debug info
+    ("name at file:line").
+    """
+    names: list[str] = []
+
+    def walk(jaxpr) -> None:
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                name = eqn.params.get("name")
+                if name is None:
+                    info = getattr(eqn.params["jaxpr"], "debug_info", None)
+                    name = str(getattr(info, "func_src_info", "") or "").split(" ")[0]
+                names.append(str(name))
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (tuple, list)) else (param,):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        walk(inner)
+
+    walk(getattr(closed_jaxpr, "jaxpr", closed_jaxpr))
+    return names
