@@ -292,8 +292,10 @@ def test_docstring_arithmetic_is_the_model() -> None:
 
 def test_candidates_and_capabilities() -> None:
     assert tiling.parse_capability("9.0") == tiling.parse_capability("sm_90") == tiling.parse_capability("90") == (9, 0)
-    assert tiling.candidates("9.0")[: len(tiling.SM90)] == tiling.SM90
-    assert tiling.SMALLEST in tiling.candidates("8.6")
+    assert tiling.candidates("9.0") == tiling.SM90 and tiling.candidates("8.0") == tiling.SM80
+    assert tiling.candidates("8.6") == tiling.candidates("8.9") == tiling.SM86
+    assert tiling.candidates(None) == (tiling.INTERPRET,)
+    assert tiling.config_for("8.6", 256, jnp.float32) == tiling.SMALLEST  # nothing larger fits 99 KiB
     with pytest.raises(ValueError, match="power of two"):
         tiling.Tile(48, 32)
 

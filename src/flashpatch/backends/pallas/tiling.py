@@ -29,8 +29,9 @@ Worked numbers at openpi's head_dim 256 in bf16 (a 64-row tile is 64*256*2 = 32 
                         dQ 32 q x 32 k, 1 stage:        32 + 1*(16+16) +  2 =  66 KiB  (all <= 99 - 4)
                         (a 64 x 32 forward with 2 stages needs 100 KiB: one stage only here)
 
-`config_for` takes the first candidate of the generation's list that fits the model for the given
-head dim and dtype (float32 tiles are twice as large, so it moves down the list), else `SMALLEST`.
+`config_for` takes the first of the generation's candidates that fits the model for the given head
+dim and dtype, else the first of the smaller generations' that does (float32 tiles are twice as
+large), else `SMALLEST`.
 The model is an estimate, not Triton's allocator: `benchmarks/lab/gpu/pallas_sweep.py` times the
 candidates (`candidates(cc)`) and reports the ones that fail to compile.
 """
@@ -160,22 +161,27 @@ INTERPRET = Config("interpret", forward=Tile(32, 16, 1, 1), dkv=Tile(16, 32, 1, 
 
 
 def candidates(compute_capability: str | None) -> tuple[Config, ...]:
-    """The generation's configs, best first (the GPU sweep times each of them)."""
+    """The generation's own configs, best first (the GPU sweep times each of them); None: interpret mode."""
     cc = parse_capability(compute_capability)
     if cc is None:
         return (INTERPRET,)
-    if cc[0] >= 9 and shared_memory_limit(compute_capability) >= SHARED_MEMORY[(9, 0)]:
-        return (*SM90, *SM80, *SM86, SMALLEST)
-    if shared_memory_limit(compute_capability) >= SHARED_MEMORY[(8, 0)]:
-        return (*SM80, *SM86, SMALLEST)
-    return (*SM86, SMALLEST)
+    limit = shared_memory_limit(compute_capability)
+    if limit >= SHARED_MEMORY[(9, 0)]:
+        return SM90
+    if limit >= SHARED_MEMORY[(8, 0)]:
+        return SM80
+    return SM86
 
 
 def config_for(compute_capability: str | None, head_dim: int, dtype) -> Config:
-    """The first of `candidates` whose modelled shared memory fits this generation; None: interpret mode."""
+    """The first config that fits this generation's shared memory for `head_dim` and `dtype`.
+
+    Its own `candidates` first, then the smaller generations' (float32 tiles are twice as large),
+    then `SMALLEST`. None: interpret mode (`INTERPRET`).
+    """
     if compute_capability is None:
         return INTERPRET
-    for config in candidates(compute_capability):
+    for config in (*candidates(compute_capability), *SM80, *SM86):
         if fits(config, compute_capability, head_dim, dtype):
             return config
     return SMALLEST
