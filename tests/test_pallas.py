@@ -118,7 +118,9 @@ def test_kernel_matches_float32(case: str) -> None:
     check_kernel(KERNEL_CASES[case], "float32")
 
 
-@pytest.mark.parametrize("case", ["pi0", "pi0_fast", "batch1_odd_37"])
+#: bf16 kernels compile slowly on CPU under jax 0.5.3 (XLA's LLVM passes, ~40 s for pi0's fwd+bwd; 3 s on 0.12):
+#: one layout in the quick subset.
+@pytest.mark.parametrize("case", ["pi0", pytest.param("pi0_fast", marks=pytest.mark.slow), "batch1_odd_37"])
 def test_kernel_bf16(case: str) -> None:
     check_kernel(KERNEL_CASES[case], "bfloat16")
 
