@@ -204,6 +204,39 @@ def test_the_kernel_itself_runs() -> None:
     assert sorted(backward) == ["flashpatch_attention_dkv", "flashpatch_attention_dq", "flashpatch_attention_fwd"]
 
 
+def _pretend_a_gpu(monkeypatch) -> None:
+    """JAX 0.12 asks the local GPU for its compute capability while lowering a Triton call; 0.5.3 does not."""
+    try:
+        from jax._src.pallas.triton import gpu_info, pallas_call_registration
+    except ImportError:  # 0.5.3: lowering falls back to sm80 by itself
+        return
+    h200 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H200)
+    monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info", lambda: h200)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_kernels_lower_to_triton(monkeypatch, dtype: str) -> None:
+    """Without a GPU: every pass lowers to Triton IR for CUDA (each primitive has a Triton rule, tiles have legal
+    shapes), at openpi's head_dim 256 with the sm90 tiles. Triton's own compilation is left to the GPU."""
+    from jax import export
+
+    _pretend_a_gpu(monkeypatch)
+    config = tiling.config_for("9.0", 256, dtype)
+    q = jax.ShapeDtypeStruct((2, 37, 8, 256), dtype)
+    kv = jax.ShapeDtypeStruct((2, 37, 1, 256), dtype)
+    rank = jax.ShapeDtypeStruct((2, 37), jnp.int32)
+
+    def grads(q, k, v, rank):
+        loss = lambda q, k, v: jnp.sum(kernel.flash_attention(q, k, v, rank, config=config, interpret=False))  # noqa: E731
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    target = "__gpu$xla.gpu.triton"
+    exported = export.export(
+        jax.jit(grads), platforms=["cuda"], disabled_checks=[export.DisabledSafetyCheck.custom_call(target)]
+    )(q, kv, kv, rank)
+    assert exported.mlir_module().count(f"@{target}") + exported.mlir_module().count(f'"{target}"') == 3
+
+
 def test_the_kernel_is_called(monkeypatch) -> None:
     calls = []
     real = kernel.flash_attention
