@@ -93,20 +93,30 @@ def test_pi0_fast_training_never_takes_cudnn_split(gpu) -> None:
     assert "cudnn_split" not in choice.reason.split("auto: ")[1].split(":")[0]
 
 
-def test_pi0_fast_long_causal_suffix_keeps_the_einsum(gpu) -> None:
-    """cuDNN's dense path lost to the einsum with a 1024-row causal suffix at T=2048."""
+def test_pi0_fast_long_causal_suffix_skips_cudnn(gpu) -> None:
+    """cuDNN's dense path lost to the einsum with a 1024-row causal suffix at T=2048; the Pallas kernel won at
+    T=4096 with a causal three quarters."""
     choice = selection.choose("auto", _gpu_problem(8, 2048, causal_runs=True))
-    assert choice.backend == "reference", choice
+    assert choice.backend == "pallas", choice
+    assert "cudnn" not in choice.reason.split(";")[0]
 
 
 @pytest.mark.parametrize("capability", [(8, 0), (8, 6), (8, 9)], ids=["A100", "A6000", "L40S_4090"])
-@pytest.mark.parametrize("shape", [PI0_B8, PI0_B32, PI0_LONG, FAST_B32])
-def test_no_slower_path_on_gpus_cudnn_cannot_serve(gpu, capability, shape) -> None:
-    """cuDNN takes head_dim 256 only on Hopper; xla (slower than the einsum where it fits) is not picked."""
+@pytest.mark.parametrize(("shape", "expected"), [(PI0_B8, "reference"), (PI0_B32, "pallas"), (PI0_LONG, "pallas")])
+def test_no_slower_path_on_gpus_cudnn_cannot_serve(gpu, capability, shape, expected) -> None:
+    """cuDNN takes head_dim 256 only on Hopper; xla (slower than the einsum where it fits) is not picked, and
+    the Pallas kernel only where it was measured faster than the einsum."""
     gpu(capability=capability)
-    choice = selection.choose("auto", _gpu_problem(*shape, causal_runs=shape == FAST_B32))
-    assert choice.backend == "reference", choice
+    choice = selection.choose("auto", _gpu_problem(*shape))
+    assert choice.backend == expected, choice
     assert "only on Hopper or newer" in choice.reason
+    assert "xla" not in choice.reason.split(";")[0]
+
+
+@pytest.mark.parametrize("capability", [(8, 0), (8, 9)])
+def test_pi0_fast_without_cudnn_takes_the_pallas_kernel(gpu, capability) -> None:
+    gpu(capability=capability)
+    assert selection.choose("auto", _gpu_problem(*FAST_B32, causal_runs=True)).backend == "pallas"
 
 
 @pytest.mark.parametrize("capability", [(8, 0), (8, 6), (8, 9)])
@@ -117,18 +127,19 @@ def test_flash_on_ampere_and_ada(gpu, capability) -> None:
 
 def test_flash_library_without_code_for_the_gpu(gpu) -> None:
     gpu(capability=(7, 5), flash=("sm80", "sm90"))
-    choice = selection.choose("auto", _gpu_problem(*PI0_B32))
+    choice = selection.choose("auto", _gpu_problem(*PI0_B8))
     assert choice.backend == "reference", choice
     assert "no code for compute capability 7.5" in choice.reason
 
 
 @pytest.mark.parametrize("version", [90100, 90400])
 def test_hopper_with_old_cudnn(gpu, version) -> None:
-    """openpi's pins with a cuDNN before 9.5: no head_dim 256 in cuDNN, so the einsum, not xla."""
+    """openpi's pins with a cuDNN before 9.5: no head_dim 256 in cuDNN, so the Pallas kernel or the einsum, not xla."""
     gpu(cudnn_version=version)
     choice = selection.choose("auto", _gpu_problem(*PI0_B32))
-    assert choice.backend == "reference", choice
+    assert choice.backend == "pallas", choice
     assert "only with cuDNN 9.5.0 or newer" in choice.reason
+    assert selection.choose("auto", _gpu_problem(*PI0_B8)).backend == "reference"
 
 
 def test_hopper_with_cudnn_9_5(gpu) -> None:
@@ -136,10 +147,17 @@ def test_hopper_with_cudnn_9_5(gpu) -> None:
     assert selection.choose("auto", _gpu_problem(*PI0_B32)).backend == "cudnn_split"
 
 
+def _wide(problem: Problem) -> Problem:
+    """The same problem at head_dim 512: beyond cuDNN, FlashAttention and the Pallas kernel."""
+    import dataclasses
+
+    return dataclasses.replace(problem, head_dim=512)
+
+
 def test_xla_only_where_the_einsum_would_not_fit(gpu) -> None:
     gpu(capability=(8, 0), memory=80 * GIB)  # an A100 80GB without flash
-    assert selection.choose("auto", _gpu_problem(*PI0_LONG)).backend == "reference"
-    choice = selection.choose("auto", _gpu_problem(*PI0_HUGE))
+    assert selection.choose("auto", _wide(_gpu_problem(*PI0_LONG))).backend == "reference"
+    choice = selection.choose("auto", _wide(_gpu_problem(*PI0_HUGE)))
     assert choice.backend == "xla", choice
     assert "memory" in choice.reason
 
@@ -148,8 +166,8 @@ def test_the_memory_threshold_sits_between_the_measured_rungs(gpu) -> None:
     """On the H200 (75% of 141 GiB for JAX) the einsum trained T=8243 at B=4 and ran out at 16435."""
     limit = int(0.75 * 143771 * 2**20)
     gpu(capability=(8, 0), memory=limit)
-    assert selection.choose("auto", _gpu_problem(4, 8243)).backend == "reference"
-    assert selection.choose("auto", _gpu_problem(4, 16435)).backend == "xla"
+    assert selection.choose("auto", _wide(_gpu_problem(4, 8243))).backend == "reference"
+    assert selection.choose("auto", _wide(_gpu_problem(4, 16435))).backend == "xla"
 
 
 def test_the_split_threshold_sits_between_the_measured_shapes() -> None:

@@ -57,7 +57,8 @@ def test_other_variables_are_not_read_while_off() -> None:
 
 def test_bad_backend_names_the_argument() -> None:
     with pytest.raises(
-        ValueError, match=r"backend must be one of auto, reference, xla, kvax, cudnn, cudnn_split, flash; got 'nope'"
+        ValueError,
+        match=r"backend must be one of auto, reference, xla, kvax, cudnn, cudnn_split, flash, pallas; got 'nope'",
     ):
         Settings(backend="nope")
 

@@ -29,6 +29,8 @@ GPU_MIN_PAIRS_FOR_FLASH = 2**25
 GPU_MIN_PAIRS_FOR_SPLIT = 3 * 2**25
 #: pi0-FAST's causal suffix: cuDNN's dense path beat the einsum at T=1018 and lost at T=2048.
 GPU_MAX_CAUSAL_LEN_FOR_CUDNN = 1024
+#: The GPU generations auto's GPU rules were measured on (doctor says so).
+MEASURED_GPUS = ("NVIDIA H200 (Hopper, compute capability 9.0)",)
 #: openpi's einsum keeps about this many float32 logits-sized buffers alive per layer in training; where
 #: they would take more than `EINSUM_MEMORY_SHARE` of the GPU, only an O(T)-memory path trains.
 EINSUM_LOGIT_BUFFERS = 3
@@ -118,6 +120,15 @@ RULES: tuple[Rule, ...] = (
         ("cudnn", "cudnn_split"),
         "2**25 to 3 * 2**25 (query, key) pairs over batch and heads: cudnn, then cudnn_split, beat the einsum "
         f"(pi0's training step at B=8 included; {_BENCH}, 'How auto chooses')",
+    ),
+    Rule(
+        "gpu",
+        lambda p: p.pairs >= GPU_MIN_PAIRS_FOR_SPLIT,
+        ("pallas",),
+        "at least 3 * 2**25 (query, key) pairs over batch and heads where neither FlashAttention nor cuDNN runs "
+        "(GPUs before Hopper, cuDNN before 9.5): flashpatch's own Pallas kernel, faster than the einsum on the H200 "
+        "at pi0's training shape and at T=4096 with a causal suffix; measured on the H200 only, no Ampere or Ada GPU "
+        f"({_BENCH}, 'The Pallas kernel')",
     ),
     Rule(
         "gpu",

@@ -5,8 +5,9 @@ A backend is one of two kinds:
 - `DenseBackend`: computes attention under any boolean (B, T, S) mask. Write `attend`.
 - `ChainBackend`: computes openpi's masks, whose rows attend nested key sets ("chain form",
   `flashpatch.masks`), and gets them as ranks and thresholds instead of a dense mask. Write
-  `attend`, say in `accepts` which chain-form masks it computes, and name an exact `fallback`
-  object (a `DenseBackend`): the core runs it in-graph for any mask `accepts` refuses.
+  `attend` and say in `accepts` which chain-form masks it computes; the core runs an exact
+  `fallback` (a `DenseBackend` object of its choosing, or by default the fastest exact one that runs
+  here) in-graph for any mask `accepts` refuses.
 
 Both only compute rows that attend at least one key: the core gives rows that attend nothing
 openpi's value (the mean of V) afterwards, so a backend only keeps them finite, in outputs and
@@ -143,8 +144,9 @@ class ChainBackend(Backend):
 
     #: The masks it computes, in words, for the warning when one is refused.
     structure: str = "block-causal, as openpi's masks are"
-    #: The exact backend that runs in-graph for a mask `accepts` refuses.
-    fallback: DenseBackend
+    #: The exact backend that runs in-graph for a mask `accepts` refuses; None: the fastest exact one
+    #: that runs the problem here (`flashpatch.backends.fallback`), never slower than openpi's own.
+    fallback: DenseBackend | None = None
 
     def accepts(self, plan: MaskPlan, problem: Problem) -> jax.Array:
         """() bool, in-graph: whether `attend` computes the mask `plan` was read from exactly.
@@ -154,8 +156,12 @@ class ChainBackend(Backend):
         return plan.exact
 
     def fallback_for(self, problem: Problem) -> DenseBackend:
-        """The exact backend for `problem`'s refused masks: `fallback`, unless a backend knows better."""
-        return self.fallback
+        """The exact backend for `problem`'s refused masks."""
+        if self.fallback is not None:
+            return self.fallback
+        from flashpatch.backends.fallback import exact_fallback
+
+        return exact_fallback(problem)
 
     def attend(
         self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, plan: MaskPlan, problem: Problem

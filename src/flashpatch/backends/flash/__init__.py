@@ -3,8 +3,9 @@
 The kernels take packed variable-length sequences but no mask. `segments` turns openpi's masks
 into such calls with no dense mask and no permuted queries; its docstring gives the decomposition
 and the measurements that chose it. The core reads each call's mask once and, where it is not one
-this packing computes exactly (not in chain form, more runs than the slots), runs `fallback_for`'s
-exact backend instead, in the graph.
+this packing computes exactly (not in chain form, more runs than the slots), runs the fastest exact
+path that runs here instead, in the graph (`flashpatch.backends.fallback`): cuDNN's dense path on
+Hopper, else openpi's own attention.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from collections.abc import Callable
 
 import jax
 
-from flashpatch.backends import cudnn, reference, xla
-from flashpatch.backends.base import ChainBackend, DenseBackend, Problem
+from flashpatch.backends import cudnn
+from flashpatch.backends.base import ChainBackend, Problem
 from flashpatch.backends.flash import kernel, segments
 from flashpatch.masks import MaskPlan
 
@@ -44,7 +45,6 @@ class FlashBackend(ChainBackend):
             f"block-causal, as openpi's masks are, with at most {constant_slots} runs of equal rank and "
             f"{causal_slots} causal run(s) per batch row"
         )
-        self.fallback = xla.XlaBackend()
 
     def unsupported(self, problem: Problem) -> str | None:
         reason = super().unsupported(problem)
@@ -60,19 +60,6 @@ class FlashBackend(ChainBackend):
         if isinstance(module, str):
             return module
         return kernel.gpu_limits(cudnn.compute_capability(), tuple(module.ARCHITECTURES))
-
-    def fallback_for(self, problem: Problem) -> DenseBackend:
-        """For a mask this packing refuses: cuDNN's dense path where it runs (Hopper); else openpi's own
-        attention, or the blockwise path where the einsum's logits would not fit (never slower than
-        the original where the original runs)."""
-        from flashpatch import selection
-
-        dense = cudnn.CudnnBackend(use_seq_lengths=False)
-        if self.varlen is kernel.varlen and dense.unsupported(problem) is None:
-            return dense
-        if selection.einsum_would_not_fit(problem):
-            return self.fallback
-        return reference.ReferenceBackend()
 
     def accepts(self, plan: MaskPlan, problem: Problem) -> jax.Array:
         p = self._plan(plan)

@@ -1,0 +1,64 @@
+"""flashpatch's own flash attention, written in Pallas: openpi's masks in chain form, no dense mask.
+
+The kernels (`kernel.py`) take keys sorted so that every query row attends a prefix, and one rank
+per row. This adapter sorts the keys by threshold (`masks.key_order`, a permutation whose gradient
+is a gather), zeroes keys that no row attends and calls the kernel with `plan.rank`. The core checks
+in-graph that the mask is a chain and runs the fastest exact path that runs here where it is not
+(`flashpatch.backends.fallback`).
+
+On a GPU the kernels are compiled by Triton; anywhere else they run in Pallas' interpreter, which
+is slow and there for correctness checks (CI) only. Tiles per GPU generation: `tiling.py`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from flashpatch import masks
+from flashpatch.backends.base import ChainBackend, Problem
+from flashpatch.masks import MaskPlan
+
+MAX_HEAD_DIM = 256
+
+
+class PallasBackend(ChainBackend):
+    """Pallas flash attention (Triton on GPU, interpret mode on CPU) over the chain form of the mask."""
+
+    name = "pallas"
+    platforms = ("cpu", "gpu")
+    dtypes = ("float32", "bfloat16", "float16")
+
+    def __init__(self, config=None):
+        self.config = config  # a tiling.Config; None: tiling.config_for this device, head dim and dtype
+
+    def unsupported(self, problem: Problem) -> str | None:
+        reason = super().unsupported(problem)
+        if reason is not None:
+            return reason
+        if problem.head_dim > MAX_HEAD_DIM:
+            return (
+                f"pallas keeps a tile of rows x head_dim in shared memory and supports head_dim up to {MAX_HEAD_DIM}; "
+                f"got {problem.head_dim}"
+            )
+        return None
+
+    def attend(self, q, k, v, mask, plan: MaskPlan, problem: Problem) -> jax.Array:
+        from flashpatch.backends.pallas import kernel
+
+        order = masks.key_order(plan)
+        k_sorted = masks.permute_rows(k, order)
+        v_sorted = masks.permute_rows(v, order)
+        # Keys no row attends sort last; NaN or inf there must not reach anything.
+        used = jnp.take_along_axis(plan.threshold, order, axis=1) <= k.shape[1]
+        k_sorted = jnp.where(used[:, :, None, None], k_sorted, jnp.zeros((), k.dtype))
+        dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
+        out = kernel.flash_attention(
+            q.astype(dtype),
+            k_sorted.astype(dtype),
+            v_sorted.astype(dtype),
+            plan.rank,
+            config=self.config,
+            interpret=problem.platform != "gpu",
+        )
+        return out.astype(problem.out_dtype)
