@@ -1,4 +1,7 @@
-"""What flashpatch's command lines share: a parser whose usage errors are one line and exit 2."""
+"""What flashpatch's command lines share: a parser whose usage errors are one line and exit 2.
+
+Run as a program (`python -m flashpatch.cli ...`), it is `python -m flashpatch ...`, the command line.
+"""
 
 from __future__ import annotations
 
@@ -60,3 +63,9 @@ def names_from(allowed: Callable[[], Sequence[str]], what: str) -> Callable[[str
 
     check.__name__ = what
     return check
+
+
+if __name__ == "__main__":
+    from flashpatch.__main__ import main
+
+    raise SystemExit(main(sys.argv[1:]))

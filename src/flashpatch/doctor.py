@@ -119,3 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         cli.fail(prog, f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
     print(report(args))
     return 0
+
+
+if __name__ == "__main__":  # `python -m flashpatch.doctor` is `python -m flashpatch doctor`
+    raise SystemExit(main())
