@@ -61,7 +61,7 @@ def test_help_exits_zero() -> None:
         (("--render", "/missing"), "flashpatch.bench", "--render needs a directory with a results.json"),
         (("--core-sizes", "8,x"), "flashpatch.bench", "--core-sizes: expected comma-separated positive integers"),
         (("--openpi-src", "/missing"), "flashpatch.bench", "--openpi-src must be openpi's src/ folder"),
-        (("--core-sizes", "16"), "flashpatch.bench", "core_sizes must be at least"),
+        (("--core-sizes", "16"), "flashpatch.bench", "--core-sizes must each be at least"),
     ],
 )
 def test_usage_errors_are_one_line(args: tuple[str, ...], module: str, named: str) -> None:
