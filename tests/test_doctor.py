@@ -101,3 +101,18 @@ def test_doctor_says_when_the_backend_variable_is_ignored() -> None:
     done = _run("doctor", "--q-len", "64", "--kv-len", "64", FLASHPATCH_BACKEND="xla")
     assert done.returncode == 0, done.stderr
     assert "FLASHPATCH_BACKEND=xla is ignored" in done.stdout and "auto picks: reference" in done.stdout, done.stdout
+
+
+def test_doctor_and_the_benchmark_read_versions_through_one_helper(monkeypatch, capsys) -> None:
+    """One place reads installed versions (flashpatch.versions.installed); tokamax, which flashpatch never uses,
+    is not listed."""
+    from flashpatch import doctor, versions
+    from flashpatch.bench import records
+
+    monkeypatch.setattr(versions, "installed", lambda name, lookup=None: versions.parse("9.9.9"))
+    assert doctor.main(["--q-len", "64", "--kv-len", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "  flax 9.9.9" in out and "  jax 9.9.9" in out, out
+    assert "tokamax" not in out, out
+    found = records.versions()
+    assert found["jax"] == "9.9.9" and "tokamax" not in found, found

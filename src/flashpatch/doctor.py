@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.metadata
 import os
 import platform
 import sys
@@ -15,15 +14,9 @@ from flashpatch import backends, cli
 if TYPE_CHECKING:
     from flashpatch.settings import Settings
 
-PACKAGES = ("flashpatch", "jax", "jaxlib", "flax", "wrapt", "numpy", "kvax", "jax-triton", "triton", "tokamax")
+#: What flashpatch runs on or can use (kvax and its Triton stack: the kvax backend).
+PACKAGES = ("flashpatch", "jax", "jaxlib", "flax", "wrapt", "numpy", "kvax", "jax-triton", "triton")
 DTYPES = ("bfloat16", "float16", "float32")
-
-
-def _version(name: str) -> str:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def _target_status(target) -> str:
@@ -83,7 +76,7 @@ def report(args: argparse.Namespace) -> str:
 
     lines = ["flashpatch doctor", "", "versions:"]
     lines += [f"  python {platform.python_version()} ({sys.executable})"]
-    lines += [f"  {name} {_version(name)}" for name in PACKAGES]
+    lines += [f"  {name} {versions.installed(name) or 'not installed'}" for name in PACKAGES]
     lines += ["", f"devices: {jax.default_backend()}: {', '.join(d.device_kind for d in jax.devices())}"]
     untested = versions.outside_tested()
     if untested:
