@@ -107,7 +107,8 @@ class Harness:
     def run_case(
         self, scenario: str, case: str, variant: Variant, size: int, batch: int, body: Callable[[Record], None]
     ) -> Record:
-        """Run `body(record)` unless the budget or an earlier out-of-memory rules it out; never raise."""
+        """Run `body(record)` unless the variant cannot run on this platform, the budget has run out or an
+        earlier out-of-memory rules it out; never raise."""
         rec = Record(scenario=scenario, case=case, variant=variant.name, size=size, batch=batch)
         line = (scenario, case, variant.name)
         reason = self.budget.exceeded()
