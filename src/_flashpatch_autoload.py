@@ -19,10 +19,18 @@ _OFF = ("", "0", "false", "off", "no")
 _warned = set()
 
 
-def _warn(message, category=UserWarning):
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, category, stacklevel=2)
+def _warn(message, category=UserWarning, at_user_line=False):
+    """Warn once, at no source line (this module's lines mean nothing to a user), or, when openpi's import
+    triggered it, at the line that imported openpi."""
+    if message in _warned:
+        return
+    _warned.add(message)
+    try:
+        from flashpatch import diagnostics
+    except Exception:  # flashpatch does not load: say so without its help
+        warnings.warn_explicit(message, category, "flashpatch", 0, module="flashpatch")
+        return
+    diagnostics.warn(message, category, at_user_line=at_user_line)
 
 
 def _main():
@@ -43,7 +51,7 @@ def _main():
         _warn(message, FlashpatchWarning)
 
         def still_off(module):
-            _warn(f"openpi imported, but {message}", FlashpatchWarning)  # once, whichever module comes first
+            _warn(f"openpi imported, but {message}", FlashpatchWarning, at_user_line=True)  # once, whichever first
 
         for name in openpi_sites.modules():
             wrapt.register_post_import_hook(still_off, name)
@@ -56,7 +64,11 @@ def _main():
             if flashpatch.installed() is None:
                 flashpatch.install(backend=chosen.backend, verify=chosen.verify)
         except Exception as err:
-            _warn(f"flashpatch: could not switch on when {module.__name__} was imported ({err!r})", FlashpatchWarning)
+            _warn(
+                f"flashpatch: could not switch on when {module.__name__} was imported ({err!r})",
+                FlashpatchWarning,
+                at_user_line=True,
+            )
 
     for name in openpi_sites.modules():
         wrapt.register_post_import_hook(switch_on, name)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import sys
-from pathlib import Path
 
 import jax
 import pytest
@@ -16,8 +14,6 @@ from flashpatch.testing import register
 register()
 
 pytest_plugins = ["pytester"]
-#: The lab's parity harness (benchmarks/parity) is tested here too; it is not part of the package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "parity"))
 
 
 @pytest.fixture
@@ -31,7 +27,7 @@ def use_backend():
 #: float32 and the layouts that differ most (pi0 with padding mid-sequence, pi0-FAST, a decode step, an arbitrary
 #: mask); the other parametrizations and the end-to-end training runs are marked slow. CI runs everything.
 QUICK_PARAMS = ("pi0_padding_mid", "pi0_fast", "decode_t1", "arbitrary", "pi0", "fast", "openpi_mask")
-SLOW_FILES = ("test_multidevice.py", "test_train_parity.py")
+SLOW_FILES = ("test_multidevice.py",)
 
 
 def _slow(item) -> bool:

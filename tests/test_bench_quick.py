@@ -227,7 +227,7 @@ def test_measure_waits_for_results_and_groups_tiny_calls():
 def test_cli_rejects_bad_sizes(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.parse(["--quick", "--cache-sizes", "8"])
-    assert exit_.value.code == 2 and "cache_sizes must exceed" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "--cache-sizes must each be at least" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
         cli.parse(["--core-sizes", "a,b"])
     assert exit_.value.code == 2 and "--core-sizes" in capsys.readouterr().err

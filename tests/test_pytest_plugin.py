@@ -70,3 +70,19 @@ def test_bad_backend_is_a_usage_error(pytester: pytest.Pytester) -> None:
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["ERROR: --flashpatch-backend: backend must be one of *; got 'bogus'"])
     assert flashpatch.installed() is None
+
+
+def test_naming_a_backend_alone_turns_flashpatch_on(pytester: pytest.Pytester) -> None:
+    """`--flashpatch-backend xla` without `--flashpatch` means patched with xla, never a silent unpatched run."""
+    pytester.makepyfile(_inner_test('installed is not None and installed.backend == "xla"'))
+    result = pytester.runpytest_inprocess("--flashpatch-backend", "xla", *_plugin_args())
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["flashpatch: installed process-wide, backend=xla"])
+    assert flashpatch.installed() is None
+
+
+def test_a_bad_backend_alone_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(_inner_test("True"))
+    result = pytester.runpytest_inprocess("--flashpatch-backend", "bogus", *_plugin_args())
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: --flashpatch-backend: backend must be one of *; got 'bogus'"])

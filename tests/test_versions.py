@@ -86,14 +86,6 @@ def test_installed_reports_a_broken_version_string() -> None:
         versions.installed("jax", fake({"jax": "unknown"}))
 
 
-def test_at_least() -> None:
-    lookup = fake({"jax": "0.5.3", "triton": "3.3.1+git4d6f1a"})
-    assert versions.at_least("jax", "0.5.3", lookup)
-    assert not versions.at_least("jax", "0.6", lookup)
-    assert versions.at_least("triton", versions.parse("3.2"), lookup)
-    assert not versions.at_least("kvax", "0.0", lookup)
-
-
 def test_installed_defaults_to_the_real_metadata() -> None:
     assert versions.installed("pytest") == versions.parse(pytest.__version__)
     assert versions.installed("no-such-distribution-flashpatch-test") is None

@@ -1,4 +1,4 @@
-"""How much of the einsum-to-ceiling gap any attention kernel could take, at the H200's peak matmul rate.
+"""How much of the einsum-to-ceiling gap any attention kernel could take, at an assumed H200 peak matmul rate.
 
 The ceiling (flashpatch/bench/ceiling.py) removes every attention FLOP. So a patched step can approach it
 only as fast as attention's useful FLOPs run: per layer openpi's remat computes the forward twice and the
@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
-PEAK_TFLOPS = 790.0  # bf16 8192^3 matmul on random data, measured on an H200 of this workplace (device KINDS.md)
+#: An H200's bf16 8192^3 matmul rate on random data: a figure from outside the project, not measured by
+#: flashpatch (no run in benchmarks/results/ measures it); every number derived from it inherits that.
+PEAK_TFLOPS = 790.0
 HEADS, HEAD_DIM, LAYERS = 8, 256, 18
 #: (workload, batch, prompt tokens, pi0.5, einsum ms, ceiling ms, target share) from ../results/h200-2026-12-01-openpi-*
 RUNS = [

@@ -1,4 +1,4 @@
-"""`python -m flashpatch doctor|bench [options]`."""
+"""`python -m flashpatch doctor|bench [options]`, `python -m flashpatch --version`."""
 
 from __future__ import annotations
 
@@ -10,13 +10,19 @@ commands:
   doctor   what is installed, what would be patched, which backend `auto` picks for a shape, and why
   bench    benchmark every backend against openpi's einsum (the same as python -m flashpatch.bench)
 
-python -m flashpatch COMMAND --help shows a command's options."""
+python -m flashpatch COMMAND --help shows a command's options;
+python -m flashpatch --version prints flashpatch's version."""
 
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from flashpatch import __version__
+
+        print(f"flashpatch {__version__}")
+        return 0
     command, rest = argv[0], argv[1:]
     if command == "doctor":
         from flashpatch import doctor
@@ -26,7 +32,7 @@ def main(argv: list[str]) -> int:
         from flashpatch.bench.cli import main as bench
 
         return bench(rest)
-    message = f"unknown command {command!r}; the commands are doctor and bench"
+    message = f"unknown command {command!r}; the commands are doctor and bench (or --version, --help)"
     print(f"python -m flashpatch: error: {message}", file=sys.stderr)
     return 2
 

@@ -1,8 +1,12 @@
-"""What flashpatch's command lines share: a parser whose usage errors are one line and exit 2."""
+"""What flashpatch's command lines share: a parser whose usage errors are one line and exit 2.
+
+Run as a program (`python -m flashpatch.cli ...`), it is `python -m flashpatch ...`, the command line.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -29,6 +33,26 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer; got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer; got {text!r}")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, e.g. 30 or 0.5; got {text!r}")
     return value
 
 
@@ -60,3 +84,9 @@ def names_from(allowed: Callable[[], Sequence[str]], what: str) -> Callable[[str
 
     check.__name__ = what
     return check
+
+
+if __name__ == "__main__":
+    from flashpatch.__main__ import main
+
+    raise SystemExit(main(sys.argv[1:]))

@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.metadata
+import os
 import platform
 import sys
+from typing import TYPE_CHECKING
 
 from flashpatch import backends, cli
 
-PACKAGES = ("flashpatch", "jax", "jaxlib", "flax", "wrapt", "numpy", "kvax", "jax-triton", "triton", "tokamax")
+if TYPE_CHECKING:
+    from flashpatch.settings import Settings
+
+#: What flashpatch runs on or can use (kvax and its Triton stack: the kvax backend).
+PACKAGES = ("flashpatch", "jax", "jaxlib", "flax", "wrapt", "numpy", "kvax", "jax-triton", "triton")
 DTYPES = ("bfloat16", "float16", "float32")
-
-
-def _version(name: str) -> str:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def _target_status(target) -> str:
@@ -54,30 +52,38 @@ def problem_from(args: argparse.Namespace):
     )
 
 
-def _environment() -> str:
+def _environment() -> tuple[str, Settings | None, str | None]:
+    """What the FLASHPATCH* variables ask for: (a line for the report, the settings or None, the error or None)."""
     from flashpatch import settings
 
     try:
         env = settings.from_env()
     except ValueError as err:
-        return f"INVALID, so flashpatch stays off at start-up: {err}"
-    return "FLASHPATCH is off" if env is None else str(env)
+        return f"INVALID, so flashpatch stays off at start-up: {err}", None, str(err)
+    if env is not None:
+        return str(env), env, None
+    named = os.environ.get("FLASHPATCH_BACKEND", "").strip()
+    if named:
+        return f"FLASHPATCH is off (FLASHPATCH_BACKEND={named} is ignored until FLASHPATCH=1)", None, None
+    return "FLASHPATCH is off", None, None
 
 
 def report(args: argparse.Namespace) -> str:
+    """The report for `args`; `args.backend` None: the backend the environment names, else auto."""
     import jax
 
     from flashpatch import jit_cache, selection, targets, versions
 
     lines = ["flashpatch doctor", "", "versions:"]
     lines += [f"  python {platform.python_version()} ({sys.executable})"]
-    lines += [f"  {name} {_version(name)}" for name in PACKAGES]
+    lines += [f"  {name} {versions.installed(name) or 'not installed'}" for name in PACKAGES]
     lines += ["", f"devices: {jax.default_backend()}: {', '.join(d.device_kind for d in jax.devices())}"]
     untested = versions.outside_tested()
     if untested:
         lines += ["untested releases: " + ", ".join(f"{n} {v} (tested: {spec})" for n, (v, spec) in untested.items())]
     lines += [f"jit cache keyed through: {jit_cache.carrier_name()}"]
-    lines += [f"environment: {_environment()}"]
+    environment, env, _ = _environment()
+    lines += [f"environment: {environment}"]
     lines += ["", "targets:"]
     lines += [f"  {t.site} ({t.adapter.kind}): {_target_status(t)}" for t in targets.all_targets()]
     problem = problem_from(args)
@@ -93,8 +99,14 @@ def report(args: argparse.Namespace) -> str:
         except Exception as err:  # a plugin backend that cannot even be built
             reason = f"could not be loaded ({type(err).__name__}: {err})"
         lines.append(f"  {name}: {'can run it' if reason is None else 'cannot: ' + reason}")
-    choice = selection.choose(args.backend, problem)
-    lines += ["", f"{args.backend} picks: {choice.backend}", f"  because {choice.reason}"]
+    if args.backend is not None:
+        asked, label = args.backend, args.backend
+    elif env is not None:  # what FLASHPATCH=1 will run: the variable's backend, not auto's choice
+        asked, label = env.backend, f"FLASHPATCH_BACKEND={env.backend}"
+    else:
+        asked, label = "auto", "auto"
+    choice = selection.choose(asked, problem)
+    lines += ["", f"{label} picks: {choice.backend}", f"  because {choice.reason}"]
     return "\n".join(lines)
 
 
@@ -103,9 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = cli.Parser(prog=prog, description=__doc__)
     parser.add_argument(
         "--backend",
-        default="auto",
         type=cli.one_of(backends.choices, "--backend"),
-        help=f"what to resolve for the shape: {', '.join(backends.choices())} (default auto)",
+        help=f"what to resolve for the shape: {', '.join(backends.choices())} "
+        "(default: FLASHPATCH_BACKEND where FLASHPATCH=1, else auto)",
     )
     parser.add_argument("--batch", type=cli.positive_int, default=1)
     parser.add_argument("--q-len", type=cli.positive_int, default=867, help="query length (openpi pi0: about 867)")
@@ -117,5 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.heads % args.kv_heads:
         cli.fail(prog, f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
-    print(report(args))
+    print(report(args), flush=True)
+    error = _environment()[2]
+    if error is not None:
+        cli.fail(prog, f"{error}; fix the variable (flashpatch stays off until it is)")
     return 0
+
+
+if __name__ == "__main__":  # `python -m flashpatch.doctor` is `python -m flashpatch doctor`
+    raise SystemExit(main())

@@ -1,4 +1,8 @@
-"""pytest plugin: `pytest --flashpatch [--flashpatch-backend NAME]` runs the whole session patched."""
+"""pytest plugin: `pytest --flashpatch [--flashpatch-backend NAME]` runs the whole session patched.
+
+`--flashpatch-backend NAME` alone implies `--flashpatch`: naming a backend asks for it, and a session that
+quietly ran unpatched instead would look like a passing patched run.
+"""
 
 from __future__ import annotations
 
@@ -17,25 +21,33 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption(
         "--flashpatch-backend",
-        default="auto",
+        default=None,
         metavar="NAME",
-        help=f"backend for --flashpatch: {', '.join(backends.choices())} (default auto)",
+        help=f"backend for --flashpatch, which it implies: {', '.join(backends.choices())} (default auto)",
     )
 
 
+def _backend(config: pytest.Config) -> str | None:
+    """The backend the session runs patched with; None: flashpatch stays off."""
+    named = config.getoption("flashpatch_backend")
+    if named is None and not config.getoption("flashpatch"):
+        return None
+    return "auto" if named is None else named
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    if not config.getoption("flashpatch"):
+    backend = _backend(config)
+    if backend is None:
         return
     import flashpatch
 
     try:
-        flashpatch.install(backend=config.getoption("flashpatch_backend"))
+        flashpatch.install(backend=backend)
     except ValueError as err:
         raise pytest.UsageError(f"--flashpatch-backend: {err}") from err
     config.add_cleanup(flashpatch.uninstall)
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:
-    if not config.getoption("flashpatch"):
-        return None
-    return f"flashpatch: installed process-wide, backend={config.getoption('flashpatch_backend')}"
+    backend = _backend(config)
+    return None if backend is None else f"flashpatch: installed process-wide, backend={backend}"

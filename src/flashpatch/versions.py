@@ -56,13 +56,6 @@ def satisfies(version: Version | str, spec: str) -> bool:
     return specifiers.contains(Version(version.public), prereleases=True)
 
 
-def at_least(distribution: str, minimum: Version | str, lookup: Lookup | None = None) -> bool:
-    """Whether `distribution` is installed at `minimum` or newer (False when it is missing)."""
-    version = installed(distribution, lookup)
-    minimum = minimum if isinstance(minimum, Version) else parse(minimum)
-    return version is not None and version >= minimum
-
-
 #: The releases CI tests flashpatch on: openpi's pins at the old end, the newest on PyPI at the other
 #: (docs/user-guide.md, "Supported versions"). A release outside these ranges is untested, not known
 #: broken: `outside_tested` names it, so that CI fails in one place (tests/test_versions.py) the first

@@ -1,6 +1,7 @@
-"""Benchmarks of every attention backend against openpi's original einsum path, side by side.
+"""The benchmark users run: every attention backend against openpi's original einsum path, side by side.
 
-Run `python -m flashpatch.bench --help` (or scripts/benchmark_attention.py). Three scenarios:
-`core` (the attention op alone), `gemma` (pi0's two-expert stack: training step and inference) and
-`gemma_fast` (pi0-FAST: prefill and autoregressive decode). Results go to JSON, markdown and PNGs.
+`python -m flashpatch.bench --help` lists the options; docs/benchmarks.md says what each scenario measures.
+Four scenarios: `core` (the attention op alone), `gemma` (pi0's two-expert stack: a training step and
+inference), `gemma_fast` (pi0-FAST: prefill and autoregressive decode) and, where asked for, `openpi`
+(openpi's own models, with the attention-free ceiling). Results go to JSON, markdown and one PNG per scenario.
 """

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import datetime
 import json
-import re
+import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -14,9 +14,12 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from flashpatch import cli
-from flashpatch.bench.options import OPENPI_CASES, QUICK, SCENARIOS, Options, variant_names
+from flashpatch.bench.options import EXPERTS, OPENPI_CASES, QUICK, SCENARIOS, Options, variant_names
 
 PROG = "python -m flashpatch.bench"
+#: Where results go without --out, as --help says it: a new directory in the current one (never a path of
+#: flashpatch's own repository, which holds only the results committed on purpose).
+DEFAULT_OUT = "./flashpatch-bench-<UTC date>-<time>"
 #: Share of the time budget per group of cases (see timing.Budget).
 BUDGET_WEIGHTS = {"core": 1.0, "gemma/train": 1.5, "gemma/infer": 0.75, "gemma_fast": 1.0, "openpi": 3.0}
 _GROUPS = {
@@ -46,7 +49,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quick", action="store_true", help="tiny sizes on the CPU (about 1.5 minutes): keeps every path alive in CI"
     )
-    p.add_argument("--out", type=Path, help="output directory (default benchmarks/results/<date>-<device>)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help=f"output directory, created if missing (default {DEFAULT_OUT}: a new directory in the current one)",
+    )
     p.add_argument(
         "--scenarios",
         type=cli.names_from(lambda: SCENARIOS, "--scenarios"),
@@ -60,20 +68,30 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--core-sizes", type=_ints, help=f"core T = S values, run in this order (default {_csv(d.core_sizes)})"
     )
-    p.add_argument("--core-batch", type=int, help=f"core batch (default {d.core_batch})")
+    p.add_argument("--core-batch", type=cli.positive_int, help=f"core batch (default {d.core_batch})")
     p.add_argument("--train-sizes", type=_ints, help=f"training T ladder (default {_csv(d.train_sizes)})")
-    p.add_argument("--train-batch", type=int, help=f"training batch (default {d.train_batch})")
+    p.add_argument("--train-batch", type=cli.positive_int, help=f"training batch (default {d.train_batch})")
     p.add_argument(
         "--infer-sizes", type=_ints, help=f"pi0 inference T = prefix + suffix (default {_csv(d.infer_sizes)})"
     )
-    p.add_argument("--infer-batch", type=int, help=f"pi0 inference batch (default {d.infer_batch})")
-    p.add_argument("--denoise-steps", type=int, help=f"pi0 denoising steps (default {d.denoise_steps})")
+    p.add_argument("--infer-batch", type=cli.positive_int, help=f"pi0 inference batch (default {d.infer_batch})")
+    p.add_argument("--denoise-steps", type=cli.positive_int, help=f"pi0 denoising steps (default {d.denoise_steps})")
     p.add_argument("--cache-sizes", type=_ints, help=f"pi0-FAST KV cache sizes (default {_csv(d.cache_sizes)})")
-    p.add_argument("--decode-steps", type=int, help=f"pi0-FAST tokens decoded per run (default {d.decode_steps})")
-    p.add_argument("--decode-batch", type=int, help=f"pi0-FAST batch (default {d.decode_batch})")
-    p.add_argument("--depth", type=int, help=f"Gemma layers (default {d.depth}, the real models')")
-    p.add_argument("--prefix-expert", help=f"flashpatch.testing.gemma variant (default {d.prefix_expert})")
-    p.add_argument("--action-expert", help=f"flashpatch.testing.gemma variant (default {d.action_expert})")
+    p.add_argument(
+        "--decode-steps", type=cli.positive_int, help=f"pi0-FAST tokens decoded per run (default {d.decode_steps})"
+    )
+    p.add_argument("--decode-batch", type=cli.positive_int, help=f"pi0-FAST batch (default {d.decode_batch})")
+    p.add_argument("--depth", type=cli.positive_int, help=f"Gemma layers (default {d.depth}, the real models')")
+    p.add_argument(
+        "--prefix-expert",
+        type=cli.one_of(EXPERTS, "--prefix-expert"),
+        help=f"{', '.join(EXPERTS)} (default {d.prefix_expert})",
+    )
+    p.add_argument(
+        "--action-expert",
+        type=cli.one_of(EXPERTS, "--action-expert"),
+        help=f"{', '.join(EXPERTS)} (default {d.action_expert})",
+    )
     p.add_argument(
         "--openpi-src",
         type=Path,
@@ -98,6 +116,11 @@ def parser() -> argparse.ArgumentParser:
         "--openpi-long-prompt", type=cli.positive_int, help=f"long prompt, tokens (default {d.openpi_long_prompt})"
     )
     p.add_argument(
+        "--openpi-huge-prompt",
+        type=cli.positive_int,
+        help=f"pi0_huge_train's prompt, tokens (default {d.openpi_huge_prompt})",
+    )
+    p.add_argument(
         "--openpi-grad-check",
         action=argparse.BooleanOptionalAction,
         help="loss and gradients at step 0 against the float32 model (default on)",
@@ -107,12 +130,20 @@ def parser() -> argparse.ArgumentParser:
         type=_ints,
         help=f"pi0_fit: prompt lengths tried (default {_csv(d.openpi_fit_prompts)})",
     )
-    p.add_argument("--warmup", type=int, help=f"warm-up calls (default {d.warmup})")
-    p.add_argument("--repeats", type=int, help=f"most timed repeats per measurement (default {d.repeats})")
-    p.add_argument("--case-seconds", type=float, help=f"cap on one timed loop (default {d.case_seconds})")
-    p.add_argument("--input-sets", type=int, help=f"random input sets rotated through (default {d.input_sets})")
-    p.add_argument("--budget-s", type=float, help=f"time budget; later cases are skipped (default {d.budget_s:.0f})")
-    p.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
+    p.add_argument(
+        "--warmup", type=cli.non_negative_int, help=f"untimed calls before timing, 0 or more (default {d.warmup})"
+    )
+    p.add_argument("--repeats", type=cli.positive_int, help=f"most timed repeats per measurement (default {d.repeats})")
+    p.add_argument(
+        "--case-seconds", type=cli.positive_seconds, help=f"cap on one timed loop (default {d.case_seconds})"
+    )
+    p.add_argument(
+        "--input-sets", type=cli.positive_int, help=f"random input sets rotated through (default {d.input_sets})"
+    )
+    p.add_argument(
+        "--budget-s", type=cli.positive_seconds, help=f"time budget; later cases are skipped (default {d.budget_s:.0f})"
+    )
+    p.add_argument("--seed", type=cli.non_negative_int, help=f"random seed, 0 or more (default {d.seed})")
     p.add_argument(
         "--compile-cache", type=Path, help="JAX persistent compilation cache directory (reruns compile faster)"
     )
@@ -148,10 +179,26 @@ def _options(args: dict[str, Any]) -> Options:
     return options
 
 
-def _default_out(meta: dict[str, Any]) -> Path:
-    kind = re.sub(r"[^a-z0-9]+", "-", meta["device"]["kind"].lower()).strip("-")
+def default_out() -> Path:
+    """A new directory in the current one, named by the UTC date and time (see DEFAULT_OUT)."""
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    return Path("benchmarks") / "results" / f"{date}-{kind}"
+    return Path(f"flashpatch-bench-{date}")
+
+
+def prepare_out(out: Path | None) -> Path:
+    """The output directory, created now: a path that cannot take the results is a usage error before
+    anything is measured, not a traceback after it."""
+    named = f"--out {out}" if out is not None else "the default output directory"
+    out = default_out() if out is None else out
+    if out.exists() and not out.is_dir():
+        cli.fail(PROG, f"{named} is a file, not a directory: give --out a directory (it is created if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        cli.fail(PROG, f"{named} cannot be created ({err.strerror or err}): give --out a directory you can write to")
+    if not os.access(out, os.W_OK | os.X_OK):
+        cli.fail(PROG, f"{named} is not writable: give --out a directory you can write to")
+    return out
 
 
 def _jsonable(options: Options) -> dict[str, Any]:
@@ -169,6 +216,7 @@ def main(argv: Sequence[str] | None = None, stream: TextIO = sys.stdout) -> int:
             )
         return render(args["render"], stream)
     options = _options(args)
+    out = prepare_out(options.out)
 
     import jax  # after parsing, so --help answers without starting JAX
 
@@ -195,8 +243,6 @@ def main(argv: Sequence[str] | None = None, stream: TextIO = sys.stdout) -> int:
         file=stream,
         flush=True,
     )
-    out = options.out or _default_out(meta)
-    out.mkdir(parents=True, exist_ok=True)
 
     def save_partial() -> None:  # a run cut short (a time limit, a crash) still leaves what it measured
         meta["notes"] = harness.notes

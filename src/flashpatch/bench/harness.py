@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import flashpatch
-from flashpatch import diagnostics, selection
+from flashpatch import backends, diagnostics, selection
 from flashpatch.bench import memory, timing
 from flashpatch.bench.options import Options, variant_names
 from flashpatch.bench.records import Record
@@ -107,11 +107,15 @@ class Harness:
     def run_case(
         self, scenario: str, case: str, variant: Variant, size: int, batch: int, body: Callable[[Record], None]
     ) -> Record:
-        """Run `body(record)` unless the budget or an earlier out-of-memory rules it out; never raise."""
+        """Run `body(record)` unless the variant cannot run on this platform, the budget has run out or an
+        earlier out-of-memory rules it out; never raise."""
         rec = Record(scenario=scenario, case=case, variant=variant.name, size=size, batch=batch)
         line = (scenario, case, variant.name)
         reason = self.budget.exceeded()
-        if line in self._out_of_memory_at and size > self._out_of_memory_at[line]:
+        elsewhere = self.runs_elsewhere(variant)
+        if elsewhere is not None:  # before the budget: a case that could never run here is not merely late
+            rec.status, rec.reason = "unsupported", elsewhere
+        elif line in self._out_of_memory_at and size > self._out_of_memory_at[line]:
             rec.status, rec.reason = "skipped", f"out of memory at {self._out_of_memory_at[line]} already"
         elif reason is not None:
             rec.status, rec.reason = "skipped", reason
@@ -119,6 +123,19 @@ class Harness:
             self._run(rec, body)
         self._finish(rec)
         return rec
+
+    def runs_elsewhere(self, variant: Variant) -> str | None:
+        """Why `variant`'s backend can run no call on this platform (a GPU-only backend on a CPU), or None."""
+        if variant.name in (EINSUM, "auto"):
+            return None
+        try:
+            platforms = backends.get(variant.backend).platforms
+        except Exception:  # a backend that cannot even be built says why when its case runs
+            return None
+        platform = jax.default_backend()
+        if platform in platforms:
+            return None
+        return f"{variant.name} cannot run here ({variant.name} runs on {', '.join(platforms)}, not {platform})"
 
     def _run(self, rec: Record, body: Callable[[Record], None]) -> None:
         diagnostics.forget()

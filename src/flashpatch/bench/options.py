@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 from flashpatch import backends
@@ -22,6 +23,11 @@ OPENPI_CASES = (
     "pi0_huge_train",  # pi0 at openpi_huge_prompt (T=16435), where the einsum runs out of memory on an H200
     "pi0_fit",  # the largest prompt that trains at openpi_long_batch, einsum vs auto (one compile per rung)
 )
+
+
+#: The model sizes --prefix-expert and --action-expert take: flashpatch.testing.gemma's variants (a test keeps
+#: the two lists equal; named here so that checking an option imports no JAX).
+EXPERTS = ("tiny", "dummy", "gemma_300m", "gemma_2b")
 
 
 def variant_names() -> tuple[str, ...]:
@@ -85,29 +91,63 @@ class Options:
     quick: bool = False
 
     def validate(self) -> None:
+        """Raise ValueError with one sentence naming the command-line option and what it takes.
+
+        Run before anything is measured: a value that would fail (or mislead) after minutes of compiling
+        is refused at once.
+        """
         unknown = set(self.scenarios) - set(SCENARIOS)
         if unknown:
-            raise ValueError(f"scenarios must be among {', '.join(SCENARIOS)}; got {', '.join(sorted(unknown))}")
+            raise ValueError(f"--scenarios must be among {', '.join(SCENARIOS)}; got {', '.join(sorted(unknown))}")
+        for name in ("prefix_expert", "action_expert"):
+            if getattr(self, name) not in EXPERTS:
+                raise ValueError(f"{flag(name)} must be one of {', '.join(EXPERTS)}; got {getattr(self, name)!r}")
+        names = ("core_batch", "train_batch", "infer_batch", "decode_batch", "depth", "repeats", "input_sets")
+        names += ("denoise_steps", "decode_steps", "openpi_batch", "openpi_long_batch", "openpi_long_prompt")
+        names += ("openpi_huge_prompt",)
+        for name in names:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{flag(name)} must be a positive integer; got {getattr(self, name)}")
+        for name in ("warmup", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{flag(name)} must be 0 or more; got {getattr(self, name)}")
+        for name in ("budget_s", "case_seconds"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{flag(name)} must be a positive number of seconds; got {value}")
         suffix = self.action_horizon + 1
-        for name in ("train_sizes", "infer_sizes"):
+        for name in ("core_sizes", "train_sizes", "infer_sizes"):
             small = [t for t in getattr(self, name) if t < suffix + 8]
             if small:
-                raise ValueError(f"{name} must be at least action_horizon + 9 = {suffix + 8}; got {small}")
+                raise ValueError(
+                    f"{flag(name)} must each be at least {suffix + 8} (the {suffix}-token action suffix plus 8); "
+                    f"got {_csv(small)}"
+                )
         small = [c for c in self.cache_sizes if c < self.decode_steps + 8]
         if small:
-            raise ValueError(f"cache_sizes must exceed decode_steps + 8 = {self.decode_steps + 8}; got {small}")
-        small = [t for t in self.core_sizes if t < suffix + 8]
-        if small:
-            raise ValueError(f"core_sizes must be at least action_horizon + 9 = {suffix + 8}; got {small}")
+            raise ValueError(
+                f"--cache-sizes must each be at least --decode-steps + 8 = {self.decode_steps + 8}; got "
+                f"{_csv(small)}: give larger caches or fewer decode steps"
+            )
         if self.openpi_size not in ("full", "dummy"):
-            raise ValueError(f"openpi_size must be full or dummy; got {self.openpi_size!r}")
+            raise ValueError(f"--openpi-size must be full or dummy; got {self.openpi_size!r}")
         unknown = set(self.openpi_cases) - set(OPENPI_CASES)
         if unknown:
-            raise ValueError(f"openpi_cases must be among {', '.join(OPENPI_CASES)}; got {', '.join(sorted(unknown))}")
-        names = ("core_batch", "train_batch", "infer_batch", "decode_batch", "depth", "repeats", "input_sets")
-        for name in (*names, "openpi_batch", "openpi_long_batch", "openpi_long_prompt", "openpi_huge_prompt"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
+            raise ValueError(
+                f"--openpi-cases must be among {', '.join(OPENPI_CASES)}; got {', '.join(sorted(unknown))}"
+            )
+        small = [p for p in self.openpi_fit_prompts if p < 1]
+        if small:
+            raise ValueError(f"--openpi-fit-prompts must be positive; got {_csv(small)}")
+
+
+def flag(field: str) -> str:
+    """The command-line option that sets Options.`field`."""
+    return "--" + field.replace("_", "-")
+
+
+def _csv(values: tuple[int, ...] | list[int]) -> str:
+    return ",".join(str(v) for v in values)
 
 
 #: --quick: tiny sizes that run on a 2-core CPU in seconds, so that CI keeps every code path alive.

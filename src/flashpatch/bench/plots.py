@@ -1,9 +1,10 @@
 """PNG plots per scenario: for each case, speedup over the einsum and peak memory against size.
 
-Made to be read without the JSON beside them: the title names the device, dtype and shapes; each
-axis says its unit; memory is in MiB or GiB, whichever reads better, on a linear axis unless it
-spans more than 20x; a variant that could not run is named under the panel with the reason; sizes
-where nothing ran get no tick.
+Made to be read without the JSON beside them: the title names the device, the versions, dtype and
+shapes; one legend sits above the panels, outside the data; value labels are spread so that none
+covers another; each axis says its unit; memory is in MiB or GiB, whichever reads better, on a linear
+axis unless it spans more than 20x; a variant that could not run is named under the panel with the
+reason; sizes where nothing ran get no tick.
 """
 
 from __future__ import annotations
@@ -18,6 +19,12 @@ from flashpatch.bench.records import Record
 
 MIB = 2**20
 LOG_SPAN = 20.0  # a memory axis goes logarithmic only past this max / min ratio
+LABEL_PT = 7  # font size of value labels
+LABEL_GAP_PT = 10.5  # vertical distance between the centres of two labels at one size (their height and a gap)
+#: Above the panels: the two-line title, then the legend (inches, whatever the figure's height).
+TITLE_IN, LEGEND_ROW_IN = 0.5, 0.26
+#: Value labels stay legible where they cross a line or the grid.
+LABEL_BOX = {"boxstyle": "square,pad=0.08", "facecolor": "white", "edgecolor": "none", "alpha": 0.8}
 
 
 def write(records: Sequence[Record], out_dir: Path, meta: dict[str, Any] | None = None) -> list[str]:
@@ -49,8 +56,7 @@ def write(records: Sequence[Record], out_dir: Path, meta: dict[str, Any] | None 
             for ax in (ax_speed, ax_mem):
                 _size_axis(ax, sizes, size_label(scenario))
             _not_run(ax_speed, rows)
-        fig.suptitle(_title(scenario, meta), fontsize=11)
-        fig.tight_layout(rect=(0, 0, 1, 0.97))
+        _header(fig, _title(scenario, meta))
         name = f"{scenario}.png"
         fig.savefig(out_dir / name, dpi=110, bbox_inches="tight")
         plt.close(fig)
@@ -65,29 +71,42 @@ def _openpi_bars(plt: Any, recs: Sequence[Record], out_dir: Path, meta: dict[str
     colors = {v: f"C{i}" for i, v in enumerate(variants)}
     fig, (ax_speed, ax_mem) = plt.subplots(1, 2, figsize=(14, 5.2))
     width = 0.8 / max(1, len(variants))
+    bar_pt = width * _axes_width_pt(ax_speed) / max(1, len(cases))
+    rotation = 0 if bar_pt >= 4.5 * 0.6 * LABEL_PT else 90  # a label wider than its bar stands upright
+    tops = [1.0]
     for i, variant in enumerate(variants):
         mine = {r.case: r for r in recs if r.variant == variant}
         xs = [j + (i - (len(variants) - 1) / 2) * width for j in range(len(cases))]
         speed = [_bar_speedup(mine.get(c)) for c in cases]
         peak = [mine[c].memory.get("peak", 0) / GIB if c in mine and mine[c].status == "ok" else 0 for c in cases]
         bars = ax_speed.bar(xs, speed, width, color=colors[variant], label=variant)
+        tops += speed
         for bar, value in zip(bars, speed, strict=True):
             if value:
                 at = (bar.get_x() + bar.get_width() / 2, value)
-                ax_speed.annotate(f"{value:.2f}", at, ha="center", va="bottom", fontsize=6)
-        ax_mem.bar(xs, peak, width, color=colors[variant], label=variant)
+                ax_speed.annotate(
+                    f"{value:.2f}",
+                    at,
+                    textcoords="offset points",
+                    xytext=(0, 2),
+                    ha="center",
+                    va="bottom",
+                    rotation=rotation,
+                    fontsize=LABEL_PT,
+                    bbox=LABEL_BOX,
+                )
+        ax_mem.bar(xs, peak, width, color=colors[variant])
     for ax in (ax_speed, ax_mem):
         ax.set_xticks(range(len(cases)), [c.replace("_", " ") for c in cases], fontsize=8, rotation=15)
         ax.grid(True, axis="y", alpha=0.3)
-        ax.legend(fontsize=8, loc="best", framealpha=0.85)
-    ax_speed.axhline(1.0, color="gray", linewidth=1, linestyle="--")
+    ax_speed.set_ylim(0, max(tops) * (1.12 if rotation == 0 else 1.25))
+    ax_speed.axhline(1.0, color="gray", linewidth=1, linestyle="--", zorder=0.5)
     ax_speed.set_ylabel("speedup over the einsum (x); 0 = did not run")
     ax_speed.set_title("time (higher is better; 'ceiling' = attention for free)", fontsize=10)
     ax_mem.set_ylabel("GiB (linear)")
     ax_mem.set_title("peak memory XLA planned (lower is better)", fontsize=10)
     _not_run(ax_speed, recs)
-    fig.suptitle(_title("openpi", meta), fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    _header(fig, _title("openpi", meta))
     fig.savefig(out_dir / "openpi.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return "openpi.png"
@@ -100,9 +119,9 @@ def _bar_speedup(rec: Record | None) -> float:
 
 
 def _title(scenario: str, meta: dict[str, Any]) -> str:
+    """Two lines: what was compared, then where (device, platform) and with what (versions)."""
     device = meta.get("device", {})
     o = meta.get("options", {})
-    where = f"{device.get('kind', '?')} ({device.get('platform', '?')})"
     shapes = {
         "core": f"attention core, {o.get('num_heads')} q / {o.get('num_kv_heads')} kv heads, head_dim "
         f"{o.get('head_dim')}, batch {o.get('core_batch')}, bf16",
@@ -110,7 +129,50 @@ def _title(scenario: str, meta: dict[str, Any]) -> str:
         "gemma_fast": f"pi0-FAST Gemma ({o.get('prefix_expert')}, depth {o.get('depth')}), bf16",
         "openpi": "openpi's models, bf16 compute",
     }.get(scenario, scenario)
-    return f"flashpatch vs openpi's einsum on {where}: {shapes}"
+    where = f"{device.get('kind', '?')} ({device.get('platform', '?')})"
+    return f"flashpatch vs openpi's einsum: {shapes}\n{' · '.join([where, *_versions(meta.get('versions', {}))])}"
+
+
+def _versions(found: dict[str, str]) -> list[str]:
+    """What the numbers depend on, as "name version": JAX, flax, cuDNN where it was there, flashpatch."""
+    shown = [f"{name} {found[name]}" for name in ("jax", "flax") if found.get(name)]
+    cudnn = [found[name] for name in sorted(found) if name.startswith("nvidia-cudnn")]
+    shown += [f"cuDNN {cudnn[0]}"] if cudnn else []
+    return shown + ([f"flashpatch {found['flashpatch']}"] if found.get("flashpatch") else [])
+
+
+def _header(fig: Any, title: str) -> None:
+    """The title, then one legend for every panel (the colours are the variants'), both above the panels."""
+    height = fig.get_figheight()
+    found: dict[str, Any] = {}
+    for ax in fig.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            found.setdefault(label, handle)
+    # The baseline first, then the variants in the order they ran.
+    handles = {label: found[label] for label in sorted(found, key=lambda label: not label.startswith(EINSUM))}
+    columns = max(1, min(len(handles), 7))
+    rows = -(-len(handles) // columns)
+    # Lay the panels out first, below the header's inches, then put title and legend above them.
+    fig.tight_layout(rect=(0, 0, 1, 1 - (TITLE_IN + rows * LEGEND_ROW_IN) / height))
+    fig.suptitle(title, fontsize=11, y=1 - 0.05 / height, va="top")
+    if handles:
+        fig.legend(
+            list(handles.values()),
+            list(handles),
+            loc="upper center",
+            bbox_to_anchor=(0.5, 1 - TITLE_IN / height),
+            ncol=columns,
+            fontsize=8,
+            frameon=False,
+        )
+
+
+def _axes_width_pt(ax: Any) -> float:
+    return ax.get_position().width * ax.figure.get_figwidth() * 72
+
+
+def _axes_height_pt(ax: Any) -> float:
+    return ax.get_position().height * ax.figure.get_figheight() * 72
 
 
 def _by_variant(rows: Sequence[Record]) -> dict[str, list[Record]]:
@@ -124,26 +186,14 @@ def _speedup_panel(ax: Any, rows: Sequence[Record], colors: dict[str, str], case
     ax.axhline(1.0, color=colors.get(EINSUM, "gray"), linewidth=1.2, linestyle="--", label=f"{EINSUM} (= 1)")
     drawn = [(v, [(r.size, r.speedup) for r in mine if r.speedup is not None]) for v, mine in _by_variant(rows).items()]
     drawn = [(v, points) for v, points in drawn if v != EINSUM and points]
-    for i, (variant, points) in enumerate(drawn):
+    for variant, points in drawn:
         ax.plot(*zip(*points, strict=True), "-o", color=colors[variant], label=variant)
-        # Labels alternate above and below their point, so that neighbouring lines do not overwrite each other.
-        offset = 7 + 9 * (i % 2)
-        for x, y in points:
-            ax.annotate(
-                f"{y:.2f}x",
-                (x, y),
-                textcoords="offset points",
-                xytext=(0, offset if i % 4 < 2 else -offset - 6),
-                ha="center",
-                fontsize=7,
-                color=colors[variant],
-            )
     tops = [y for _, points in drawn for _, y in points]
     ax.set_ylim(0, max([1.0, *tops]) * 1.25)
+    _value_labels(ax, [(x, y, f"{y:.2f}x", colors[variant]) for variant, points in drawn for x, y in points])
     _mark(ax, [r.size for r in rows if r.variant == EINSUM and r.status == "oom"], f"{EINSUM}\nOOM", "gray")
     ax.set_title(f"{case}: speedup over {EINSUM} (higher is better)", fontsize=10, pad=8)
     ax.set_ylabel("speedup (x)")
-    _legend(ax)
 
 
 def _memory_panel(ax: Any, rows: Sequence[Record], colors: dict[str, str], case: str, limit: int | None) -> None:
@@ -175,7 +225,6 @@ def _memory_panel(ax: Any, rows: Sequence[Record], colors: dict[str, str], case:
     ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:.3g}"))
     ax.set_title(f"{case}: peak memory XLA planned (lower is better)", fontsize=10, pad=8)
     ax.set_ylabel(f"{unit} ({scale_note})")
-    _legend(ax)
 
 
 def _not_run(ax: Any, rows: Sequence[Record]) -> None:
@@ -194,9 +243,35 @@ def _not_run(ax: Any, rows: Sequence[Record]) -> None:
         ax.annotate(text, (0, -0.17), xycoords="axes fraction", fontsize=7, va="top", color="dimgray")
 
 
-def _legend(ax: Any) -> None:
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8, loc="best", framealpha=0.85)
+def _value_labels(ax: Any, labels: Sequence[tuple[float, float, str, str]]) -> None:
+    """Write each (x, y, text, colour) just above its point; labels at one x that would touch are pushed apart
+    (upwards, then the stack is moved down as a whole if it would leave the panel). Call after the y limits."""
+    low, high = ax.get_ylim()
+    gap = LABEL_GAP_PT / max(_axes_height_pt(ax), 1.0)
+    above = 8 / max(_axes_height_pt(ax), 1.0)
+    by_x: dict[float, list[tuple[float, str, str]]] = {}
+    for x, y, text, color in labels:
+        by_x.setdefault(x, []).append(((y - low) / (high - low), text, color))
+    for x, group in by_x.items():
+        group.sort()
+        places: list[float] = []
+        for fraction, _, _ in group:
+            places.append(max(fraction + above, places[-1] + gap) if places else fraction + above)
+        overflow = places[-1] - (1 - gap / 2)
+        if overflow > 0:
+            places = [place - overflow for place in places]
+        for (fraction, text, color), place in zip(group, places, strict=True):
+            ax.annotate(
+                text,
+                (x, low + fraction * (high - low)),
+                xytext=(x, place),
+                textcoords=("data", "axes fraction"),
+                ha="center",
+                va="center",
+                fontsize=LABEL_PT,
+                color=color,
+                bbox=LABEL_BOX,
+            )
 
 
 def _mark(ax: Any, sizes: Sequence[int], text: str, color: str) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 
+from flashpatch import versions as installed_versions
 from flashpatch.bench.memory import device_stats
 
 CONVENTIONS = {
@@ -69,13 +70,6 @@ class Record:
         return dataclasses.asdict(self)
 
 
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def versions() -> dict[str, str | None]:
     """Versions of what the numbers depend on, read from package metadata (nothing imported)."""
     names = (
@@ -88,7 +82,6 @@ def versions() -> dict[str, str | None]:
         "kvax",
         "jax-triton",
         "triton",
-        "tokamax",
         "jax-cuda12-plugin",
         "jax-cuda12-pjrt",
         "jax-cuda13-plugin",
@@ -96,9 +89,9 @@ def versions() -> dict[str, str | None]:
         "nvidia-cudnn-cu12",
         "nvidia-cudnn-cu13",
     )
-    found = {name: _version(name) for name in names}
+    found = {name: str(version) for name in names if (version := installed_versions.installed(name)) is not None}
     found["python"] = platform.python_version()
-    return {name: value for name, value in found.items() if value is not None}
+    return found
 
 
 def device_info() -> dict[str, Any]:

@@ -22,6 +22,8 @@ import pytest
 from flashpatch import backends
 from flashpatch.backends.xla import XlaBackend
 
+pytestmark = pytest.mark.slow  # 30-step training runs on the CPU: left out of the quick subset
+
 LAYOUT = pi0.Layout(cameras=(16, 16, 16), prompt=8, horizon=10, action_dim=8)  # T = 67, padding mid-sequence
 CONFIG = parity.TrainConfig(
     steps=30,
@@ -80,7 +82,7 @@ def test_compare_treats_nan_as_an_infinite_gap() -> None:
 
 
 def _example(name: str):
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "parity" / f"{name}.py"
+    path = pathlib.Path(__file__).resolve().parents[1] / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -1,0 +1,52 @@
+"""examples/compare_patched.py tells a CPU user what they see: why the blockwise path is not faster there,
+that a backend they named could not run (without pointing at `auto`, which they did not ask for), and in
+--help which backends there are."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import pytest
+
+import flashpatch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "compare_patched.py"
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="what a CPU user sees")
+
+
+def _example(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLASHPATCH")}
+    env.update(PYTHONPATH=str(ROOT / "src"), JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, str(EXAMPLE), *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow  # each run compiles the model twice: about a minute on 2 CPU cores
+def test_on_a_cpu_it_says_why_the_blockwise_path_is_not_faster() -> None:
+    done = _example("--length", "64")
+    assert done.returncode == 0, done.stderr
+    assert "ran: xla" in done.stdout, done.stdout
+    text = " ".join(done.stdout.split())
+    assert "on a CPU at this size the einsum is usually faster" in text, done.stdout
+    assert "for memory" in text, done.stdout
+
+
+@pytest.mark.slow
+def test_a_named_backend_that_cannot_run_is_named_not_auto() -> None:
+    done = _example("--length", "64", "--backend", "cudnn")
+    assert done.returncode == 0, done.stderr
+    assert "cudnn cannot run here" in done.stdout, done.stdout
+    assert "auto" not in done.stdout, done.stdout
+
+
+def test_help_lists_the_backends() -> None:
+    done = _example("--help")
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stdout.split())
+    assert ", ".join(flashpatch.backend_names()) in text, done.stdout
+    assert "float32, bfloat16" in text, done.stdout
