@@ -6,7 +6,8 @@ backward once (2.5x a forward), 18 layers. The masks are the benchmark's own (fl
 .fill_batch, seed 0: prompts padded to random lengths, the second camera missing in every third row), rebuilt
 here from the same random draws for openpi's shapes (3 cameras x 256 SigLIP tokens, 224 x 224 images).
 
-    python benchmarks/lab/attention_bound.py     # prints the table in ../results/h200-2026-12-01-attention-bound
+    python benchmarks/lab/attention_bound.py          # prints the table in ../results/h200-2026-12-01-attention-bound
+    python benchmarks/lab/attention_bound.py --rates  # attention's effective rate in the measured flash steps
 """
 
 from __future__ import annotations
@@ -25,13 +26,76 @@ RUNS = [
 ]
 
 
-def attended_pairs(batch: int, tokens: int, pi05: bool) -> int:
-    """(query, key) pairs one attention layer computes, over the batch, for one head."""
+def _draws(batch: int, tokens: int):
+    """The second camera's presence and the prompt lengths, drawn as fill_batch draws them (seed 0)."""
     rng = np.random.default_rng(0)
     for _ in range(3):  # fill_batch draws the three images first
         rng.uniform(-1, 1, (batch, 224, 224, 3))
     camera = np.arange(batch) % 3 != 2
-    lengths = rng.integers(max(1, tokens // 4), tokens + 1, batch)
+    return camera, rng.integers(max(1, tokens // 4), tokens + 1, batch)
+
+
+def fast_attended_pairs(batch: int, tokens: int = 250) -> int:
+    """pi0-FAST training (fill_batch with train=True): three cameras, then a prompt whose second half is causal."""
+    camera, lengths = _draws(batch, tokens)
+    total = 0
+    for b in range(batch):
+        pos = np.arange(tokens)
+        prompt = pos < lengths[b]
+        valid = np.concatenate([np.ones(256, bool), np.full(256, camera[b]), np.ones(256, bool), prompt])
+        ar = np.concatenate([np.zeros(768, bool), prompt & (pos >= lengths[b] // 2)])
+        block = np.cumsum(ar)
+        total += int(((block[None, :] <= block[:, None]) & valid[None, :] & valid[:, None]).sum())
+    return total
+
+
+def step_flops(pairs: int) -> float:
+    """Useful attention FLOPs of one training step: 18 layers, two forwards and a backward (2.5x) each."""
+    return LAYERS * 4.5 * 4 * HEAD_DIM * HEADS * pairs
+
+
+#: Measured steps for the rates table: (workload, useful pairs per layer and head, {variant: ms}, ceiling ms, results).
+MEASURED = [
+    (
+        "pi0, B=32",
+        lambda: attended_pairs(32, 48, False),
+        {"einsum": 1006.9, "flash": 946.1},
+        884.9,
+        "h200-2026-12-03-openpi-pi0-flash",
+    ),
+    (
+        "pi0, B=4, T=4147",
+        lambda: attended_pairs(4, 3328, False),
+        {"einsum": 857.7, "flash": 523.4},
+        464.0,
+        "h200-2026-12-03-openpi-long-flash",
+    ),
+    (
+        "pi0-FAST, B=32, T=1018",
+        lambda: fast_attended_pairs(32),
+        {"einsum": 1289.6, "flash": 1150.7},
+        1085.9,
+        "h200-2026-12-03-openpi-fast",
+    ),
+]
+
+
+def rates() -> None:
+    """Attention's effective rate in each measured step: its useful FLOPs over (step - ceiling)."""
+    print("| workload | attention TFLOP per step | variant | step ms | step - ceiling | effective TFLOP/s | results |")
+    print("|---|---|---|---|---|---|---|")
+    for name, pairs, steps, ceiling, where in MEASURED:
+        flops = step_flops(pairs())
+        for variant, ms in steps.items():
+            rate = flops / ((ms - ceiling) * 1e-3) / 1e12
+            print(
+                f"| {name} | {flops / 1e12:.1f} | {variant} | {ms:.1f} | {ms - ceiling:.1f} ms | {rate:.0f} | {where} |"
+            )
+
+
+def attended_pairs(batch: int, tokens: int, pi05: bool) -> int:
+    """(query, key) pairs one attention layer computes, over the batch, for one head."""
+    camera, lengths = _draws(batch, tokens)
     suffix = 50 if pi05 else 51
     total = 0
     for b in range(batch):
@@ -65,4 +129,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    rates() if "--rates" in sys.argv else main()

@@ -43,7 +43,7 @@ for step in "$@"; do
       bench flash_core_b2 100 --scenarios core --core-batch 2 --core-sizes 4096 --backends flash,cudnn_split,cudnn --budget-s 85 ;;
     flash_band) bench flash_band 200 --scenarios core --core-batch 8 --core-sizes 768,1024,1280 --backends flash,cudnn_split,cudnn --budget-s 170 ;;
     flash_core_16k) bench flash_core_16k 200 --scenarios core --core-batch 4 --core-sizes 16384 --backends flash,cudnn_split --budget-s 170 ;;
-    train_fast) bench train_fast 370 "${openpi[@]}" --backends auto --openpi-cases pi0_fast_train --budget-s 340 ;;
+    train_fast) bench train_fast 200 "${openpi[@]}" --backends auto --openpi-cases pi0_fast_train --no-openpi-grad-check --repeats 4 --budget-s 185 ;;
     train_pi0_flash) bench train_pi0_flash 230 "${openpi[@]}" --backends auto --openpi-cases pi0_train --no-openpi-grad-check --repeats 4 --budget-s 210 ;;
     train_long_flash) bench train_long_flash 180 "${openpi[@]}" --backends auto --openpi-cases pi0_long_train --no-openpi-grad-check --repeats 4 --budget-s 160 ;;
     pallas) echo "== pallas"; timeout 150 python3 benchmarks/lab/gpu/pallas_sweep.py --quick --budget 120 > "$OUT/pallas_sweep.log" 2>&1
