@@ -63,8 +63,8 @@ def main() -> int:
     parser.add_argument(
         "--backend",
         metavar="NAME",
-        type=flashpatch.cli.one_of(flashpatch.backend_names, "--backend"),
-        help=f"one of {', '.join(flashpatch.backend_names())} (default: xla on a CPU, auto on a GPU)",
+        type=flashpatch.cli.one_of(flashpatch.backend_choices, "--backend"),
+        help=f"one of {', '.join(flashpatch.backend_choices())} (default: xla on a CPU, auto on a GPU)",
     )
     parser.add_argument(
         "--length", type=flashpatch.cli.positive_int, default=1024, help="tokens per sequence (default 1024)"

@@ -14,10 +14,12 @@ from pathlib import Path
 import jax.numpy as jnp
 import pytest
 
-from flashpatch.bench import cli, memory, report, timing
+from flashpatch.bench import cli, memory, records, report, timing
 from flashpatch.bench.harness import Harness, Variant
 from flashpatch.bench.options import QUICK, Options
 from flashpatch.bench.records import Record
+
+_ROOT = Path(__file__).resolve().parents[1]
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -362,3 +364,15 @@ def test_ceiling_share_is_the_part_of_the_possible_gain_taken():
     slower = [rec("einsum", 1000.0, 1000.0), rec("auto", 950.0, 470.0), rec("ceiling", 1100.0, 430.0)]
     add_ceiling_shares(slower)
     assert "ceiling_share" not in slower[1].metrics  # no gain possible: no share to state
+
+
+def test_a_run_records_the_commit_of_a_non_editable_install(tmp_path: Path) -> None:
+    """pip copies the package out of its checkout; its direct_url.json still names the folder it came from."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_ROOT, capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("the tests do not run inside a git checkout")
+    commit = records.git_commit(package_dir=tmp_path, direct_url={"url": f"file://{_ROOT}", "dir_info": {}})
+    assert commit is not None and commit.startswith(head.stdout.strip())
+    vcs = {"url": "https://example.org/flashpatch.git", "vcs_info": {"vcs": "git", "commit_id": "abc123"}}
+    assert records.git_commit(package_dir=tmp_path, direct_url=vcs) == "abc123"
+    assert records.git_commit(package_dir=tmp_path, direct_url={}) is None

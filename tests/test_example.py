@@ -48,5 +48,20 @@ def test_help_lists_the_backends() -> None:
     done = _example("--help")
     assert done.returncode == 0, done.stderr
     text = " ".join(done.stdout.split())
-    assert ", ".join(flashpatch.backend_names()) in text, done.stdout
+    assert ", ".join(flashpatch.backend_choices()) in text, done.stdout
     assert "float32, bfloat16" in text, done.stdout
+
+
+def test_the_first_example_shows_flashpatch_at_work() -> None:
+    done = _example("--length", "64")
+    assert done.returncode == 0, done.stderr
+    assert "flashpatch.enable('xla') ran: xla" in done.stdout, done.stdout
+    diff = float(done.stdout.split("outputs ")[1].split(",")[0])
+    assert 0 < diff < 1e-3, done.stdout  # a real second computation, close to the original
+    assert "flashpatch (xla)" in done.stdout
+
+
+def test_the_first_example_rejects_a_too_short_sequence_in_one_line() -> None:
+    done = _example("--length", "5")
+    assert done.returncode == 2 and "--length must be at least" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1

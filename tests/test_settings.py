@@ -70,8 +70,8 @@ def test_verify_must_be_a_bool() -> None:
 
 def test_settings_are_hashable_values_with_distinct_cache_keys() -> None:
     assert Settings("xla") == Settings("xla") and hash(Settings("xla")) == hash(Settings("xla"))
-    keys = {Settings(b, verify=v).cache_key for b in flashpatch.backend_names() for v in (False, True)}
-    assert len(keys) == 2 * len(flashpatch.backend_names())
+    keys = {Settings(b, verify=v).cache_key for b in flashpatch.backend_choices() for v in (False, True)}
+    assert len(keys) == 2 * len(flashpatch.backend_choices())
 
 
 def test_bad_enable_opens_nothing() -> None:
@@ -84,17 +84,17 @@ def test_bad_enable_opens_nothing() -> None:
 
 
 def test_backend_names_follow_the_registry() -> None:
-    """Settings, FLASHPATCH_BACKEND and backend_names() read the one registry: a new backend is accepted
+    """Settings, FLASHPATCH_BACKEND and backend_choices() read the one registry: a new backend is accepted
     everywhere once registered, and nowhere after."""
     from flashpatch import backends
     from flashpatch.backends.xla import XlaBackend
 
-    assert flashpatch.backend_names() == ("auto", *backends.names())
+    assert flashpatch.backend_choices() == ("auto", *backends.names())
     with pytest.raises(ValueError, match="got 'toy'"):
         Settings(backend="toy")
     backends.register("toy", XlaBackend)
     try:
-        assert "toy" in flashpatch.backend_names()
+        assert "toy" in flashpatch.backend_choices()
         assert Settings(backend="toy").backend == "toy"
         assert from_env({"FLASHPATCH": "1", "FLASHPATCH_BACKEND": "toy"}) == Settings(backend="toy")
     finally:

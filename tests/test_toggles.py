@@ -549,3 +549,34 @@ def test_a_failure_while_entering_leaves_nothing_patched(monkeypatch: pytest.Mon
     monkeypatch.undo()
     assert settings.current() is None
     _assert_unpatched(originals)
+
+
+def test_leaving_nested_blocks_out_of_order_leaves_nothing_patched() -> None:
+    outer, inner = flashpatch.enable("xla"), flashpatch.enable("reference")
+    outer.__enter__()
+    inner.__enter__()
+    with pytest.raises(RuntimeError, match="out of order"):
+        outer.__exit__(None, None, None)
+    assert settings.current() is None, "the thread is still patched after its outer block ended"
+    inner.__exit__(None, None, None)  # a no-op now, and no second error
+    assert settings.current() is None and not interception.bound_targets()
+
+
+def test_leaving_blocks_out_of_order_leaves_no_stale_jit_key() -> None:
+    """After blocks were left out of order, a function jitted while off must still retrace when enabled."""
+    from patching import ZeroBackend, ran_patched, tiny_attention
+
+    from flashpatch import backends
+
+    tiny = tiny_attention()
+    outer, inner = flashpatch.enable("xla"), flashpatch.enable("reference")
+    outer.__enter__()
+    inner.__enter__()
+    with pytest.raises(RuntimeError):
+        outer.__exit__(None, None, None)
+    inner.__exit__(None, None, None)
+    with backends.override("xla", ZeroBackend()):
+        run = jax.jit(lambda params: tiny(params))
+        assert not ran_patched(run(tiny.params)), "off, yet the patched path ran"
+        with flashpatch.enable("xla"):
+            assert ran_patched(run(tiny.params)), "enabled, yet a stale compiled function ran"

@@ -83,6 +83,13 @@ def __dir__() -> list[str]:
 
 
 def backend_names() -> tuple[str, ...]:
+    """Every registered backend, built-in ones first (as `flashpatch.backends.names()`)."""
+    from flashpatch import backends
+
+    return backends.names()
+
+
+def backend_choices() -> tuple[str, ...]:
     """What `enable(backend=...)` and FLASHPATCH_BACKEND accept: 'auto' and every registered backend."""
     from flashpatch import backends
 
@@ -94,6 +101,7 @@ __all__ = [
     "Settings",
     "__version__",
     "attention",
+    "backend_choices",
     "backend_names",
     "disable",
     "enable",

@@ -47,7 +47,7 @@ def rebuild(rank: jax.Array, threshold: jax.Array) -> jax.Array:
     return threshold[:, None, :] <= rank[:, :, None]
 
 
-def query_key(plan: MaskPlan) -> jax.Array:
+def row_sort_key(plan: MaskPlan) -> jax.Array:
     """(B, T) int32: each query row's rank, S + 1 for rows that attend nothing (sorted last)."""
     return jnp.where(plan.rank > 0, plan.rank, plan.threshold.shape[-1] + 1).astype(jnp.int32)
 

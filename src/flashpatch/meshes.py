@@ -11,8 +11,17 @@ import sys
 import jax
 import numpy as np
 
-#: Modules that keep a mesh like openpi does: `<module>._MeshState.active_mesh`.
-MESH_HOLDERS = ["openpi.training.sharding", "flashpatch.testing.sharding"]
+#: Modules that keep a mesh like openpi does: `<module>._MeshState.active_mesh` (others add theirs with
+#: `register_holder`).
+MESH_HOLDERS = ["openpi.training.sharding"]
+
+
+def register_holder(module_name: str) -> None:
+    """Also read the mesh that `module_name._MeshState.active_mesh` holds (a stand-in for openpi's, say)."""
+    if module_name not in MESH_HOLDERS:
+        MESH_HOLDERS.append(module_name)
+
+
 #: The axes openpi shards the batch over; used when the mesh has all of them.
 DATA_AXES = ("batch", "fsdp")
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import pathlib
+import subprocess
 import sys
 
 import numpy as np
@@ -21,6 +23,8 @@ import pytest
 
 from flashpatch import backends
 from flashpatch.backends.xla import XlaBackend
+
+ROOT = pathlib.Path(__file__).resolve().parents[3]
 
 pytestmark = pytest.mark.slow  # 30-step training runs on the CPU: left out of the quick subset
 
@@ -233,3 +237,14 @@ def test_float32_run_trains_apart_from_the_bfloat16_einsum() -> None:
     gap = parity.compare(float32, unpatched, window=1).max_rel_gap
     # Measured here: 1.55e-3 (jax 0.10.2), 1.38e-3 (jax 0.5.3); 0 would mean the reference trace was reused.
     assert 0 < gap < 1e-2, f"float32 run vs bf16 einsum: rel gap {gap:.2e}"
+
+
+def _python(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLASHPATCH")}
+    env.update(PYTHONPATH=str(ROOT / "src"), JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_the_openpi_parity_script_has_a_main() -> None:
+    done = _python(str(ROOT / "benchmarks" / "parity" / "openpi_parity.py"), "--help")
+    assert done.returncode == 0 and "usage" in done.stdout.lower(), done.stdout + done.stderr

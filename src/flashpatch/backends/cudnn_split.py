@@ -51,7 +51,7 @@ class Split(NamedTuple):
 def _row_counts(plan: MaskPlan) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Per batch row: the sort key of the query rows, the least positive rank, and the head's and tail's row counts."""
     attends = plan.rank > 0
-    order_key = masks.query_key(plan)
+    order_key = masks.row_sort_key(plan)
     least = jnp.min(order_key, axis=-1)
     head_rows = jnp.sum(attends & (plan.rank == least[:, None]), axis=-1, dtype=jnp.int32)
     tail_rows = jnp.sum(attends, axis=-1, dtype=jnp.int32) - head_rows

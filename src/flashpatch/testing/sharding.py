@@ -13,6 +13,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from flashpatch import meshes
+
 BATCH_AXIS = "batch"
 FSDP_AXIS = "fsdp"
 DATA_AXIS = (BATCH_AXIS, FSDP_AXIS)
@@ -75,3 +77,6 @@ def fsdp_sharding(tree: Any, mesh: jax.sharding.Mesh, *, min_size_mbytes: float 
         return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
 
     return jax.tree.map(one, tree)
+
+
+meshes.register_holder(__name__)  # flashpatch reads this stand-in as it reads openpi's

@@ -61,7 +61,7 @@ def causal_layout(plan: MaskPlan):
     Returns (query order, key order, query positions, key positions), the positions already in
     sorted order and non-decreasing.
     """
-    q_pos = masks.query_key(plan)
+    q_pos = masks.row_sort_key(plan)
     q_order = jnp.argsort(q_pos, axis=-1, stable=True)
     k_order = masks.key_order(plan)
     q_pos = jnp.take_along_axis(q_pos, q_order, axis=-1)
