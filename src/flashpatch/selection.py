@@ -194,7 +194,8 @@ _recorders = threading.local()
 def recording() -> Iterator[list[Choice]]:
     """Collect the choices made in this thread inside the block (at trace time: a cached jit makes none).
 
-    The benchmark reports with it which backend really ran a case, and why.
+    The benchmark reports with it which backend really ran a case, and why; the conformance kit checks with it
+    that the backend under test ran, not openpi's own attention in its place.
     """
     seen: list[Choice] = []
     active = getattr(_recorders, "active", ())

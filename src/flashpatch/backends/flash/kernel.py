@@ -10,10 +10,11 @@ Nothing here is imported before the backend is asked for.
 from __future__ import annotations
 
 import functools
-import importlib.metadata
 from types import ModuleType
 
 import jax
+
+from flashpatch import versions
 
 #: The library's install name, and flashpatch's extra that installs it, per CUDA major of JAX's GPU plugin.
 WHEELS = {12: "dew-flash-attn-cu12", 13: "dew-flash-attn-cu13"}
@@ -23,18 +24,10 @@ MAX_HEAD_DIM = 256
 HALF_DTYPES = ("bfloat16", "float16")
 
 
-def _installed(name: str) -> bool:
-    try:
-        importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
-
-
 def cuda_majors() -> tuple[int | None, int | None]:
     """(CUDA major of JAX's GPU plugin, CUDA major the installed dew-flash-attn wheel was built for); None: absent."""
-    jax_major = next((m for m in WHEELS if _installed(f"jax-cuda{m}-plugin")), None)
-    dew_major = next((m for m, wheel in WHEELS.items() if _installed(wheel)), None)
+    jax_major = next((m for m in WHEELS if versions.installed(f"jax-cuda{m}-plugin")), None)
+    dew_major = next((m for m, wheel in WHEELS.items() if versions.installed(wheel)), None)
     return jax_major, dew_major
 
 
