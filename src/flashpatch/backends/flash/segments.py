@@ -61,7 +61,8 @@ class VarlenKernel(Protocol):
 
     q (Tq, N, H), k and v (Tk, K, H); segment m pairs query rows cu_q[m]:cu_q[m+1] with key rows
     cu_k[m]:cu_k[m+1]; causal aligns each segment's staircase to its last key. Softmax scale 1 (q
-    comes pre-scaled). Rows of a segment with no keys must come out finite, gradients too.
+    comes pre-scaled). Rows of a segment with no keys must come out as zeros (the two calls' outputs
+    are added; FA3 writes zeros there, measured) and their gradients finite.
     """
 
     def __call__(self, q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool) -> jax.Array: ...
