@@ -7,9 +7,8 @@ import contextlib
 import jax
 import pytest
 
-import flashpatch
-from flashpatch import backends, diagnostics, interception, switch
-from flashpatch.testing import register
+from flashpatch import backends
+from flashpatch.testing import fresh_state, register
 
 register()
 
@@ -57,13 +56,5 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _clean_flashpatch():
     """Every test starts and ends with flashpatch off and nothing patched (unless a session-wide install)."""
-    diagnostics.forget()
-    session_default = switch.default()
-    yield
-    if switch.default() != session_default:
-        flashpatch.uninstall()
-        if session_default is not None:
-            flashpatch.install(backend=session_default.backend, verify=session_default.verify)
-    assert not switch.open_frames(), "a test left an enable() block open"
-    if session_default is None:
-        assert not interception.bound_targets(), "a test left targets patched"
+    with fresh_state():
+        yield

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-import flashpatch
-from flashpatch import backends, diagnostics, settings
-from flashpatch.testing import register
+from flashpatch import backends
+from flashpatch.testing import fresh_state, register
 
 register()
 #: The harness's modules import each other by name (they run as scripts: `python benchmarks/parity/...`).
@@ -28,10 +27,5 @@ def use_backend():
 @pytest.fixture(autouse=True)
 def _clean_flashpatch():
     """Every test starts with every message unsaid and ends with flashpatch as it found it."""
-    diagnostics.forget()
-    session_default = settings.get_default()
-    yield
-    if settings.get_default() != session_default:
-        flashpatch.uninstall()
-        if session_default is not None:
-            flashpatch.install(backend=session_default.backend, verify=session_default.verify)
+    with fresh_state():
+        yield
