@@ -85,3 +85,43 @@ def called(name: str, comps: dict[str, str]) -> set[str]:
         for group in re.findall(r"branch_computations=\{([^}]*)\}", comps[current]):
             todo += re.findall(r"%([\w.\-]+)", group)
     return seen
+
+
+def openpi_problem(**changes):
+    """A `Problem` of openpi's shapes on a GPU (8 query heads, 1 kv head, head dim 256, bf16), with `changes`."""
+    from flashpatch.backends.base import Problem
+
+    fields = dict(
+        batch=2,
+        q_len=51,
+        kv_len=867,
+        num_heads=8,
+        num_kv_heads=1,
+        head_dim=256,
+        q_dtype="bfloat16",
+        k_dtype="bfloat16",
+        v_dtype="bfloat16",
+        probs_dtype="bfloat16",
+        platform="gpu",
+    )
+    return Problem(**{**fields, **changes})
+
+
+def sorts_in_a_layer_loop(backend: str, case: str, dtype: str) -> tuple[int, int]:
+    """(sorts in the compiled program, sorts inside its layer loop) for `backend` under a 4-layer scan, as
+    openpi's nn.scan runs attention: a mask analysis that depends on the mask alone belongs outside the loop."""
+    import flashpatch
+    from flashpatch.testing import conformance
+
+    q, k, v, mask = conformance.CASES[case].arrays(dtype)
+
+    def layers(q, k, v, mask):
+        step = lambda x, _: (flashpatch.attention(x, k, v, mask, settings=backend), None)  # noqa: E731
+        return jax.lax.scan(step, q, None, length=4)[0]
+
+    hlo = jax.jit(layers).lower(q, k, v, mask).compile().as_text()
+    comps = computations(hlo)
+    bodies = re.findall(r"while\(.*?body=%([\w.\-]+)", hlo)
+    assert bodies, "expected the scan to stay a loop"
+    inside = set().union(*(called(body, comps) for body in bodies))
+    return hlo.count(" sort("), sum(comps[name].count(" sort(") for name in inside)

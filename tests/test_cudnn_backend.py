@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import TOL, assert_finite, rel_err
+from helpers import TOL, assert_finite, openpi_problem, rel_err
 
 import flashpatch
 from flashpatch import backends
@@ -25,21 +25,7 @@ from flashpatch.testing.conformance import CASES, Case, check, float32_reference
 
 def _problem(**changes) -> Problem:
     """openpi's shapes on an H100-like GPU: 8 query heads, 1 kv head, head dim 256, bf16."""
-    fields = dict(
-        batch=2,
-        q_len=51,
-        kv_len=867,
-        num_heads=8,
-        num_kv_heads=1,
-        head_dim=256,
-        q_dtype="bfloat16",
-        k_dtype="bfloat16",
-        v_dtype="bfloat16",
-        probs_dtype="bfloat16",
-        platform="gpu",
-    )
-    fields.update(changes)
-    return Problem(**fields)
+    return openpi_problem(**changes)
 
 
 @pytest.fixture

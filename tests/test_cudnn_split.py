@@ -7,14 +7,13 @@ conformance suite runs it on cuDNN.
 
 from __future__ import annotations
 
-import re
 import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import called, computations
+from helpers import sorts_in_a_layer_loop
 
 from flashpatch import backends, masks
 from flashpatch.backends import cudnn_split
@@ -242,20 +241,6 @@ def _inputs(eqn) -> list:
 def test_mask_analysis_is_hoisted_out_of_the_layer_loop(on_xla) -> None:
     """Under a scan over layers (openpi's nn.scan) the sorts of the mask analysis depend on the mask
     alone, and XLA moves them out of the loop: the layout is computed once per forward pass."""
-    import flashpatch
-
     on_xla()
-    q, k, v, mask = CASES["pi0_masked_image"].arrays("float32")
-    settings = flashpatch.Settings(backend="cudnn_split")
-
-    def layers(q, k, v, mask):
-        step = lambda x, _: (flashpatch.attention(x, k, v, mask, settings=settings), None)  # noqa: E731
-        return jax.lax.scan(step, q, None, length=4)[0]
-
-    hlo = jax.jit(layers).lower(q, k, v, mask).compile().as_text()
-    comps = computations(hlo)
-    bodies = re.findall(r"while\(.*?body=%([\w.\-]+)", hlo)
-    assert bodies, "expected the scan to stay a loop"
-    inside = set().union(*(called(body, comps) for body in bodies))
-    assert hlo.count(" sort(") >= 2
-    assert not any(" sort(" in comps[name] for name in inside), "the mask's sorts run in every layer"
+    total, in_loop = sorts_in_a_layer_loop("cudnn_split", "pi0_masked_image", "float32")
+    assert total >= 2 and in_loop == 0, "the mask's sorts run in every layer"

@@ -202,23 +202,8 @@ def test_a_wheel_for_the_other_cuda_major_is_named_with_the_fix(monkeypatch) -> 
 def test_the_packing_is_hoisted_out_of_the_layer_loop(on_cpu) -> None:
     """Under a scan over layers (openpi's nn.scan) the mask's analysis, the key order and the segment
     offsets depend on the mask alone: XLA moves them out of the loop, once per model call."""
-    import re
-
-    from helpers import called, computations
-
-    import flashpatch
+    from helpers import sorts_in_a_layer_loop
 
     on_cpu()
-    q, k, v, mask = conformance.CASES["pi0_masked_image"].arrays("bfloat16")
-
-    def layers(q, k, v, mask):
-        step = lambda x, _: (flashpatch.attention(x, k, v, mask, settings="flash"), None)  # noqa: E731
-        return jax.lax.scan(step, q, None, length=4)[0]
-
-    hlo = jax.jit(layers).lower(q, k, v, mask).compile().as_text()
-    comps = computations(hlo)
-    bodies = re.findall(r"while\(.*?body=%([\w.\-]+)", hlo)
-    assert bodies, "expected the scan to stay a loop"
-    inside = set().union(*(called(body, comps) for body in bodies))
-    assert hlo.count(" sort(") >= 1
-    assert not any(" sort(" in comps[name] for name in inside), "the key sort runs in every layer"
+    total, in_loop = sorts_in_a_layer_loop("flash", "pi0_masked_image", "bfloat16")
+    assert total >= 1 and in_loop == 0, "the key sort runs in every layer"

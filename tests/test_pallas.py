@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import openpi_problem
 
 import flashpatch
 from flashpatch import backends, masks, selection
@@ -339,20 +340,7 @@ def test_candidates_and_capabilities() -> None:
 
 
 def _problem(**changes) -> Problem:
-    base = dict(
-        batch=2,
-        q_len=40,
-        kv_len=40,
-        num_heads=8,
-        num_kv_heads=1,
-        head_dim=256,
-        q_dtype="bfloat16",
-        k_dtype="bfloat16",
-        v_dtype="bfloat16",
-        probs_dtype="bfloat16",
-        platform="gpu",
-    )
-    return Problem(**{**base, **changes})
+    return openpi_problem(**{"q_len": 40, "kv_len": 40, **changes})
 
 
 def test_backend_declares_and_refuses() -> None:
