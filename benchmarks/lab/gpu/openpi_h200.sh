@@ -43,6 +43,12 @@ for step in "$@"; do
       bench flash_core_b2 100 --scenarios core --core-batch 2 --core-sizes 4096 --backends flash,cudnn_split,cudnn --budget-s 85 ;;
     flash_band) bench flash_band 200 --scenarios core --core-batch 8 --core-sizes 768,1024,1280 --backends flash,cudnn_split,cudnn --budget-s 170 ;;
     flash_core_16k) bench flash_core_16k 200 --scenarios core --core-batch 4 --core-sizes 16384 --backends flash,cudnn_split --budget-s 170 ;;
+    core_16k) bench core_16k 260 --scenarios core --core-batch 4 --core-sizes 16384 --backends flash,pallas,cudnn_split --budget-s 230 ;;
+    gpu_tests_new) echo "== gpu_tests_new"; timeout 215 python3 -m pytest -q -m gpu -p no:cacheprovider -k "flash or pallas" \
+        tests/test_backend_conformance.py tests/test_gpu_models.py > "$OUT/gpu_tests_new.log" 2>&1
+      echo "== gpu_tests_new exit $?"; tail -n 25 "$OUT/gpu_tests_new.log" ;;
+    pallas_16k) echo "== pallas_16k"; timeout 165 python3 benchmarks/lab/gpu/pallas_sweep.py --shapes 4x16384 --budget 150 \
+        > "$OUT/pallas_16k.log" 2>&1; echo "== pallas_16k exit $?"; tail -n 30 "$OUT/pallas_16k.log" ;;
     train_fast) bench train_fast 200 "${openpi[@]}" --backends auto --openpi-cases pi0_fast_train --no-openpi-grad-check --repeats 4 --budget-s 185 ;;
     train_pi0_flash) bench train_pi0_flash 230 "${openpi[@]}" --backends auto --openpi-cases pi0_train --no-openpi-grad-check --repeats 4 --budget-s 210 ;;
     train_long_flash) bench train_long_flash 180 "${openpi[@]}" --backends auto --openpi-cases pi0_long_train --no-openpi-grad-check --repeats 4 --budget-s 160 ;;
