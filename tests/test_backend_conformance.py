@@ -100,3 +100,18 @@ def test_registry_rejects_what_it_cannot_use() -> None:
             backends.get("not_a_backend")
     finally:
         backends.unregister("not_a_backend")
+
+
+def test_float32_yardstick_is_ieee_float32() -> None:
+    # On a GPU, XLA computes float32 products in TF32 by default: 2.5e-4 of error on the H200, ten
+    # times the float32 tolerance, failing exact backends. Its products and their gradients ask for HIGHEST.
+    q, k, v, mask = conformance.CASES["pi05"].arrays("float32")
+
+    def dots(f, *args) -> list:
+        text = jax.jit(f).lower(*args).as_text()
+        return [line for line in text.splitlines() if "dot_general" in line]
+
+    forward = dots(conformance.float32_reference, q, k, v, mask)
+    backward = dots(jax.grad(lambda q, k, v: jnp.sum(conformance.float32_reference(q, k, v, mask)), (0, 1, 2)), q, k, v)
+    assert len(forward) == 2 and len(backward) >= 4
+    assert all("HIGHEST" in line for line in forward + backward), (forward + backward)[0]

@@ -336,6 +336,41 @@ def test_candidates_and_capabilities() -> None:
         tiling.Tile(48, 32)
 
 
+# --- precision and dtype: what the GPU does that interpret mode does not show ---
+
+
+def _dot_precisions(a_dtype, b_dtype) -> list:
+    a, b = jnp.ones((16, 32), a_dtype), jnp.ones((32, 16), b_dtype)
+    jaxpr = jax.make_jaxpr(compat.dot)(a, b)
+    return [eqn.params["precision"] for eqn in jaxpr.eqns if eqn.primitive.name == "dot_general"]
+
+
+def test_float32_products_are_ieee_half_products_default() -> None:
+    # Triton lowers DEFAULT precision on float32 to TF32 (2.5e-4 forward error on the H200); HIGHEST to IEEE.
+    highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+    assert _dot_precisions(jnp.float32, jnp.float32) == [highest]
+    assert _dot_precisions(jnp.bfloat16, jnp.bfloat16) == [None]
+
+
+def test_float32_q_runs_the_kernel_in_the_keys_half_dtype(monkeypatch) -> None:
+    # pi0-FAST keeps q in float32 beside bf16 keys: promoting ran its H200 step at 0.36x the einsum.
+    seen = []
+
+    def spy(q, k, v, rank, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return jnp.zeros(q.shape, q.dtype)
+
+    monkeypatch.setattr(kernel, "flash_attention", spy)
+    case = conformance.CASES["pi0_fast"]
+    q, k, v, mask = case.arrays("bfloat16")
+    jax.eval_shape(lambda q: flashpatch.attention(q, k, v, mask, settings="pallas"), q.astype(jnp.float32))
+    assert seen == [(jnp.dtype(jnp.bfloat16),) * 3]
+    seen.clear()
+    q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
+    jax.eval_shape(lambda q: flashpatch.attention(q, k32, v32, mask, settings="pallas"), q32)
+    assert seen == [(jnp.dtype(jnp.float32),) * 3]
+
+
 # --- the backend ---
 
 
