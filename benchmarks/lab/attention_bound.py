@@ -77,6 +77,20 @@ MEASURED = [
         1085.9,
         "h200-2026-12-03-openpi-fast",
     ),
+    (
+        "pi0-FAST, B=32, T=1018",
+        lambda: fast_attended_pairs(32),
+        {"einsum": 1255.2, "pallas": 1126.0},
+        1062.7,
+        "h200-2026-12-03-openpi-pallas",
+    ),
+    (
+        "pi0, B=4, T=16435 (einsum out of memory)",
+        lambda: attended_pairs(4, 15616, False),
+        {"flash": 2173.2},
+        1540.5,
+        "h200-2026-12-03-openpi-huge-flash",
+    ),
 ]
 
 
