@@ -371,6 +371,24 @@ def test_float32_q_runs_the_kernel_in_the_keys_half_dtype(monkeypatch) -> None:
     assert seen == [(jnp.dtype(jnp.float32),) * 3]
 
 
+def test_float32_q_beside_half_keys_matches_float32() -> None:
+    # pi0-FAST's dtypes: q in float32, k and v in bf16. The kernel rounds q to bf16; the result stays within
+    # bf16's tolerance of openpi's math in float32, forward and gradients.
+    q, k, v, mask = conformance.CASES["pi0_fast"].arrays("bfloat16")
+    q = q.astype(jnp.float32)
+    attend = jax.jit(lambda q, k, v: flashpatch.attention(q, k, v, mask, settings="pallas"))
+    out = attend(q, k, v)
+    ref = conformance.float32_reference(q, k, v, mask)
+    assert out.dtype == jnp.float32
+    assert rel_err(out, ref) < conformance.TOL["bfloat16"]
+    cot = jax.random.normal(jax.random.PRNGKey(3), out.shape, jnp.float32)
+    got = jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v).astype(jnp.float32) * cot), (0, 1, 2))(q, k, v)
+    want = jax.grad(lambda q, k, v: jnp.sum(conformance.float32_reference(q, k, v, mask) * cot), (0, 1, 2))(q, k, v)
+    assert_finite(got, "gradients")
+    for name, g, w in zip("qkv", got, want, strict=True):
+        assert rel_err(g, w) < conformance.TOL["bfloat16"], name
+
+
 # --- the backend ---
 
 
