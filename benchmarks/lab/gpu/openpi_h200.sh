@@ -54,6 +54,14 @@ for step in "$@"; do
     train_long_flash) bench train_long_flash 180 "${openpi[@]}" --backends auto --openpi-cases pi0_long_train --no-openpi-grad-check --repeats 4 --budget-s 160 ;;
     pallas) echo "== pallas"; timeout 150 python3 benchmarks/lab/gpu/pallas_sweep.py --quick --budget 120 > "$OUT/pallas_sweep.log" 2>&1
       echo "== pallas exit $?"; tail -n 30 "$OUT/pallas_sweep.log" ;;
+    pallas_steps) bench pallas_steps 420 "${openpi[@]}" --backends pallas --openpi-cases pi0_train,pi0_long_train --no-openpi-grad-check --repeats 4 --budget-s 400 ;;
+    pallas_fast_grad) bench pallas_fast_grad 420 "${openpi[@]}" --backends pallas --openpi-cases pi0_fast_train --repeats 4 --budget-s 400 ;;
+    pallas_huge) bench pallas_huge 300 "${openpi[@]}" --backends pallas --openpi-cases pi0_huge_train --no-openpi-grad-check --repeats 3 --budget-s 280 ;;
+    pallas_870) echo "== pallas_870"; timeout 150 python3 benchmarks/lab/gpu/pallas_sweep.py --shapes 32x870 --budget 135 \
+        > "$OUT/pallas_870.log" 2>&1; echo "== pallas_870 exit $?"; tail -n 30 "$OUT/pallas_870.log" ;;
+    gpu_tests_rest) echo "== gpu_tests_rest"; timeout 280 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=line \
+        -k "flash or pallas" tests/test_gpu_models.py tests/test_backend_conformance.py \
+        > "$OUT/gpu_tests_rest.log" 2>&1; echo "== gpu_tests_rest exit $?"; tail -n 25 "$OUT/gpu_tests_rest.log" ;;
     train_huge) bench train_huge 400 "${openpi[@]}" --backends auto --openpi-cases pi0_huge_train --no-openpi-grad-check --budget-s 360 ;;
     fit) bench fit 585 "${openpi[@]}" --backends auto --openpi-cases pi0_fit --openpi-fit-prompts 7424,15616,31744 --repeats 2 --budget-s 470 ;;
     *) echo "unknown step $step" ;;
