@@ -103,8 +103,8 @@ def test_registry_rejects_what_it_cannot_use() -> None:
 
 
 def test_float32_yardstick_is_ieee_float32() -> None:
-    # On a GPU, XLA computes float32 products in TF32 by default: 2.5e-4 of error on the H200, ten
-    # times the float32 tolerance, failing exact backends. Its products and their gradients ask for HIGHEST.
+    # On a GPU, XLA computes float32 products in TF32 by default, far above the float32 tolerance (the
+    # H200 failed exact float32 backends with it). Its products and their gradients ask for HIGHEST.
     q, k, v, mask = conformance.CASES["pi05"].arrays("float32")
 
     def dots(f, *args) -> list:
