@@ -353,7 +353,7 @@ def test_float32_products_are_ieee_half_products_default() -> None:
 
 
 def test_float32_q_runs_the_kernel_in_the_keys_half_dtype(monkeypatch) -> None:
-    # pi0-FAST keeps q in float32 beside bf16 keys: promoting ran its H200 step at 0.36x the einsum.
+    # pi0-FAST keeps q in float32 beside bf16 keys: promoting made its H200 step slower than the einsum.
     seen = []
 
     def spy(q, k, v, rank, **kwargs):

@@ -155,10 +155,10 @@ def params(backend: str) -> Iterator[tuple[str, str]]:
 def float32_reference(q, k, v, mask):
     """openpi's math in float32 (inputs upcast), the yardstick for every backend and dtype.
 
-    Its products are IEEE float32. On a GPU, XLA's default computes float32 products in TF32: with that
-    yardstick the Pallas kernel's float32 cases differed by 2.5-3.9e-4 on the H200, over ten times the
-    float32 tolerance, and passed at highest precision. The precision is recorded in the traced
-    products, so gradients taken of this function are IEEE float32 too.
+    Its products are IEEE float32. On a GPU, XLA's default computes float32 products in TF32, whose
+    error is far above the float32 tolerance: with that yardstick exact float32 backends failed on the
+    H200, and passed at highest precision. The precision is recorded in the traced products, so
+    gradients taken of this function are IEEE float32 too.
     """
     from flashpatch.backends.reference import reference_attention
 
