@@ -30,9 +30,7 @@ class _FlashOnCpu(FlashBackend):
         super().__init__(*args, varlen=varlen, **kwargs)
 
     def unsupported(self, problem):
-        return Backend.unsupported(self, problem) or (
-            None if problem.k_dtype in kernel.HALF_DTYPES else "flash needs half-precision k and v"
-        )
+        return Backend.unsupported(self, problem) or (None if problem.half_kv else "flash needs half-precision k and v")
 
 
 @pytest.fixture

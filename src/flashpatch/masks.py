@@ -60,6 +60,17 @@ def key_order(plan: MaskPlan) -> jax.Array:
     return jnp.argsort(plan.threshold, axis=-1, stable=True)
 
 
+def sorted_keys(k: jax.Array, v: jax.Array, plan: MaskPlan, order: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """k and v (B, S, K, H) in `order` (`key_order(plan)`), with k zeroed at keys no row attends.
+
+    Those keys sort last and may hold NaN (padding); a kernel that reads them in whole tiles and
+    masks by index would still multiply them by zero weights, and 0 * NaN is NaN.
+    """
+    k_sorted = permute_rows(k, order)
+    used = jnp.take_along_axis(plan.threshold, order, axis=1) <= k.shape[1]
+    return jnp.where(used[:, :, None, None], k_sorted, jnp.zeros((), k.dtype)), permute_rows(v, order)
+
+
 def inverse(order: jax.Array) -> jax.Array:
     """The permutation that undoes `order` along the last axis."""
     return jnp.argsort(order, axis=-1)

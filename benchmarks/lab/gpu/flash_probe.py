@@ -55,7 +55,9 @@ def flash_fn(slots=(sg.CONSTANT_SLOTS, sg.CAUSAL_SLOTS), with_causal=True):
         m = mask[:, 0]
         mp = masks.analyze(m)
         p = sg.plan(mp, *slots)
-        out = sg.attend(q, k, v, p, dew_kernel, *slots, with_causal)
+        out = sg.attend(
+            q, *masks.sorted_keys(k, v, mp, p.k_order), p, mp.rank, dew_kernel, *slots, with_causal=with_causal
+        )
         fill = empty_row_value(v, q.dtype, q.shape[2])
         return jnp.where((mp.rank > 0)[:, :, None, None], out.astype(q.dtype), fill), p.exact
 
@@ -104,9 +106,12 @@ def main() -> None:
             # raw kernel on rows without keys: zeros?
             mp = masks.analyze(mask[:, 0])
             p = sg.plan(mp)
-            raw = jax.jit(lambda q, k, v: sg.attend(q, k, v, p, dew_kernel, sg.CONSTANT_SLOTS, sg.CAUSAL_SLOTS, True))(
-                q, k, v
-            )
+            slots = (sg.CONSTANT_SLOTS, sg.CAUSAL_SLOTS)
+            raw = jax.jit(
+                lambda q, k, v: sg.attend(
+                    q, *masks.sorted_keys(k, v, mp, p.k_order), p, mp.rank, dew_kernel, *slots, with_causal=True
+                )
+            )(q, k, v)
             case["raw_empty_rows_maxabs"] = float(jnp.max(jnp.abs(jnp.where(rows, 0, raw.astype(jnp.float32)))))
             # NaN in padding
             keys = mask_np.any(-2)[:, :, None, None]

@@ -37,6 +37,9 @@ import numpy as np
 
 from flashpatch.masks import MaskPlan
 
+#: The dtypes the fused GPU kernels (cuDNN, FlashAttention, kvax) take for k and v.
+HALF_DTYPES = ("bfloat16", "float16")
+
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
@@ -65,6 +68,11 @@ class Problem:
     @property
     def out_dtype(self) -> str:
         return jnp.result_type(self.probs_dtype, self.v_dtype).name
+
+    @property
+    def half_kv(self) -> bool:
+        """k and v share one of `HALF_DTYPES`."""
+        return self.k_dtype in HALF_DTYPES and self.v_dtype == self.k_dtype
 
     @property
     def group_size(self) -> int:

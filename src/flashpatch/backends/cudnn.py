@@ -40,7 +40,6 @@ MAX_HEAD_DIM = 128
 MAX_HEAD_DIM_HOPPER = 256
 HOPPER = (9, 0)
 LARGE_HEAD_DIM_MIN_CUDNN = 90500
-HALF_DTYPES = ("bfloat16", "float16")
 
 
 def cudnn_version() -> int | None:
@@ -70,7 +69,7 @@ def _version_text(version: int) -> str:
 
 def shape_limits(problem: Problem) -> str | None:
     """Why cuDNN cannot take `problem`'s dtypes or shapes on any GPU, or None."""
-    if problem.k_dtype not in HALF_DTYPES or problem.v_dtype != problem.k_dtype:
+    if not problem.half_kv:
         return (
             f"k and v must share a half-precision dtype (bfloat16, float16); got {problem.k_dtype}, {problem.v_dtype}"
         )

@@ -14,8 +14,9 @@ from collections.abc import Callable
 
 import jax
 
+from flashpatch import masks
 from flashpatch.backends import cudnn
-from flashpatch.backends.base import ChainBackend, Problem
+from flashpatch.backends.base import HALF_DTYPES, ChainBackend, Problem
 from flashpatch.backends.flash import kernel, segments
 from flashpatch.masks import MaskPlan
 
@@ -50,8 +51,8 @@ class FlashBackend(ChainBackend):
         reason = super().unsupported(problem)
         if reason is not None:
             return reason
-        if problem.k_dtype not in kernel.HALF_DTYPES or problem.v_dtype != problem.k_dtype:
-            return f"flash needs k and v in one of {kernel.HALF_DTYPES}; got {problem.k_dtype} and {problem.v_dtype}"
+        if not problem.half_kv:
+            return f"flash needs k and v in one of {HALF_DTYPES}; got {problem.k_dtype} and {problem.v_dtype}"
         if problem.head_dim > kernel.MAX_HEAD_DIM:
             return f"FlashAttention takes head dims up to {kernel.MAX_HEAD_DIM}; got {problem.head_dim}"
         if self.varlen is not kernel.varlen:
@@ -70,11 +71,11 @@ class FlashBackend(ChainBackend):
         return segments.plan(plan, self.constant_slots, self.causal_slots)
 
     def attend(self, q, k, v, mask, plan: MaskPlan, problem: Problem) -> jax.Array:
+        p = self._plan(plan)
         out = segments.attend(
             q.astype(k.dtype),
-            k,
-            v,
-            self._plan(plan),
+            *masks.sorted_keys(k, v, plan, p.k_order),
+            p,
             plan.rank,
             self.varlen,
             self.constant_slots,

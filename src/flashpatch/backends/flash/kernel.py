@@ -21,7 +21,6 @@ WHEELS = {12: "dew-flash-attn-cu12", 13: "dew-flash-attn-cu13"}
 EXTRAS = {12: "flashpatch[flash]", 13: "flashpatch[flash-cu13]"}
 #: Head dims the kernels take (narrower ones are padded up by the library).
 MAX_HEAD_DIM = 256
-HALF_DTYPES = ("bfloat16", "float16")
 
 
 def cuda_majors() -> tuple[int | None, int | None]:

@@ -181,21 +181,27 @@ _copies.defvjp(_copies_fwd, _copies_bwd)
 
 
 def attend(
-    q, k, v, p: Plan, rank, kernel: VarlenKernel, constant_slots: int, causal_slots: int, *, with_causal: bool
+    q,
+    k_sorted,
+    v_sorted,
+    p: Plan,
+    rank,
+    kernel: VarlenKernel,
+    constant_slots: int,
+    causal_slots: int,
+    *,
+    with_causal: bool,
 ) -> jax.Array:
     """(B, T, N, H): each row's attention over its run's keys; rows of rank 0 come out as zeros.
 
+    k_sorted, v_sorted: the keys in `p.k_order`, k zeroed where no row attends (`masks.sorted_keys`).
     `with_causal` (static) adds the causal call; without it the plan must have no causal run.
     A kernel reads whole tiles, past a segment's end into its neighbours' rows, and masks them
     by length: 0 * NaN there would still reach the gradients. So the rows that attend nothing
-    (q) and the keys no row attends (k, sorted last) are zeroed first.
+    (q) are zeroed here, as the keys no row attends are by `masks.sorted_keys`.
     """
     b, t, n, h = q.shape
-    s = k.shape[1]
-    k_sorted = masks.permute_rows(k, p.k_order)
-    v_sorted = masks.permute_rows(v, p.k_order)
-    attended = jnp.arange(s)[None, :] < jnp.max(rank, axis=1)[:, None]
-    k_sorted = jnp.where(attended[:, :, None, None], k_sorted, jnp.zeros((), k.dtype))
+    s = k_sorted.shape[1]
     q = jnp.where((rank > 0)[:, :, None, None], q, jnp.zeros((), q.dtype))
     packed_q = q.reshape(b * t, n, h)
 

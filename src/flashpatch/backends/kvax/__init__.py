@@ -20,14 +20,13 @@ import jax
 import jax.numpy as jnp
 
 from flashpatch import masks, meshes
-from flashpatch.backends.base import ChainBackend, Problem
+from flashpatch.backends.base import HALF_DTYPES, ChainBackend, Problem
 from flashpatch.backends.kvax import compat as kvax_compat
 from flashpatch.backends.kvax import tuning as kvax_tuning
 from flashpatch.backends.xla import XlaBackend
 from flashpatch.masks import MaskPlan
 
 HEAD_DIMS = (16, 32, 64, 128, 192, 256)
-HALF = ("bfloat16", "float16")
 
 
 class KvaxBackend(ChainBackend):
@@ -45,8 +44,8 @@ class KvaxBackend(ChainBackend):
             return reason
         if problem.head_dim not in HEAD_DIMS:
             return f"kvax supports head_dim in {HEAD_DIMS}, not {problem.head_dim}"
-        if problem.k_dtype not in HALF or problem.v_dtype != problem.k_dtype:
-            return f"kvax needs k and v in one of {HALF}; got {problem.k_dtype} and {problem.v_dtype}"
+        if not problem.half_kv:
+            return f"kvax needs k and v in one of {HALF_DTYPES}; got {problem.k_dtype} and {problem.v_dtype}"
         return kvax_compat.load_error()
 
     def attend(self, q, k, v, mask, plan: MaskPlan, problem: Problem):

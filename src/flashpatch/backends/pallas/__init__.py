@@ -16,21 +16,21 @@ import jax
 import jax.numpy as jnp
 
 from flashpatch import masks
-from flashpatch.backends.base import ChainBackend, Problem
+from flashpatch.backends.base import HALF_DTYPES, ChainBackend, Problem
 from flashpatch.masks import MaskPlan
 
 MAX_HEAD_DIM = 256
-HALF_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
 def compute_dtype(q_dtype, k_dtype, v_dtype):
     """The kernels' dtype: the keys' where k and v are half (pi0-FAST keeps q in float32 beside bf16 keys).
 
-    Promoting to float32 there would run every tile in float32: twice the shared memory, float32 dot
-    products, and on the H200 a pi0-FAST training step at 0.36x the einsum's speed (3514 against
-    1261 ms, B=32, T=1018). Rounding q to the keys' dtype is the rounding the flash and cuDNN paths do.
+    Promoting to float32 there would run every tile in float32: twice the shared memory and float32
+    dot products, which made pi0-FAST's training step slower than openpi's own attention on the H200
+    (docs/benchmarks.md, "The Pallas kernel"). Rounding q to the keys' dtype is the rounding the flash
+    and cuDNN paths do.
     """
-    if k_dtype == v_dtype and any(k_dtype == half for half in HALF_DTYPES):
+    if k_dtype == v_dtype and jnp.dtype(k_dtype).name in HALF_DTYPES:
         return jnp.dtype(k_dtype)
     return jnp.dtype(jnp.result_type(q_dtype, k_dtype, v_dtype))
 
@@ -59,12 +59,7 @@ class PallasBackend(ChainBackend):
     def attend(self, q, k, v, mask, plan: MaskPlan, problem: Problem) -> jax.Array:
         from flashpatch.backends.pallas import kernel
 
-        order = masks.key_order(plan)
-        k_sorted = masks.permute_rows(k, order)
-        v_sorted = masks.permute_rows(v, order)
-        # Keys no row attends sort last; NaN or inf there must not reach anything.
-        used = jnp.take_along_axis(plan.threshold, order, axis=1) <= k.shape[1]
-        k_sorted = jnp.where(used[:, :, None, None], k_sorted, jnp.zeros((), k.dtype))
+        k_sorted, v_sorted = masks.sorted_keys(k, v, plan, masks.key_order(plan))
         dtype = compute_dtype(q.dtype, k.dtype, v.dtype)
         out = kernel.flash_attention(
             q.astype(dtype),

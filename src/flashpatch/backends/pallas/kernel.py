@@ -30,6 +30,7 @@ log-sum-exp 0 and zero gradients, with no exp(-inf - -inf) anywhere.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -212,28 +213,37 @@ def _spec(shape, index_map):
     return compat.block_spec(shape, index_map)
 
 
+class _QTileSpecs(NamedTuple):
+    """The blocks of the kernels with one program per q tile (forward, dQ), grid (n_q, B, K)."""
+
+    per_tile: pl.BlockSpec  # (B, n_q) per-tile bounds: the batch row's whole list
+    rank: pl.BlockSpec  # (B, R) ranks: the tile's rows
+    rows: pl.BlockSpec  # (B, K, R, H): the tile's rows
+    row_stat: pl.BlockSpec  # (B, K, R) float32 per row: the tile's rows
+    keys: pl.BlockSpec  # (B, K, S, H): every key of the batch row and head
+
+
+def _q_tile_specs(block_q: int, n_q: int, head_dim: int, kv_len: int) -> _QTileSpecs:
+    return _QTileSpecs(
+        per_tile=_spec((None, n_q), lambda i, bi, hk: (bi, 0)),
+        rank=_spec((None, block_q), lambda i, bi, hk: (bi, i)),
+        rows=_spec((None, None, block_q, head_dim), lambda i, bi, hk: (bi, hk, i, 0)),
+        row_stat=_spec((None, None, block_q), lambda i, bi, hk: (bi, hk, i)),
+        keys=_spec((None, None, kv_len, head_dim), lambda i, bi, hk: (bi, hk, 0, 0)),
+    )
+
+
 def _forward(q, k, v, rank, config: Config, interpret: bool):
     b, kh, rows, h = q.shape
-    kv_len = k.shape[2]
     tile = config.forward
     n_q = rows // tile.block_q
     hi, lo = _row_tile_bounds(rank, tile.block_q)
-    per_tile = _spec((None, n_q), lambda i, bi, hk: (bi, 0))
+    spec = _q_tile_specs(tile.block_q, n_q, h, k.shape[2])
     return pl.pallas_call(
         functools.partial(_forward_kernel, block_k=tile.block_k),
         grid=(n_q, b, kh),
-        in_specs=[
-            per_tile,
-            per_tile,
-            _spec((None, tile.block_q), lambda i, bi, hk: (bi, i)),
-            _spec((None, None, tile.block_q, h), lambda i, bi, hk: (bi, hk, i, 0)),
-            _spec((None, None, kv_len, h), lambda i, bi, hk: (bi, hk, 0, 0)),
-            _spec((None, None, kv_len, h), lambda i, bi, hk: (bi, hk, 0, 0)),
-        ],
-        out_specs=[
-            _spec((None, None, tile.block_q, h), lambda i, bi, hk: (bi, hk, i, 0)),
-            _spec((None, None, tile.block_q), lambda i, bi, hk: (bi, hk, i)),
-        ],
+        in_specs=[spec.per_tile, spec.per_tile, spec.rank, spec.rows, spec.keys, spec.keys],
+        out_specs=[spec.rows, spec.row_stat],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, kh, rows), jnp.float32)],
         compiler_params=compat.compiler_params(tile.num_warps, tile.num_stages),
         interpret=interpret,
@@ -243,29 +253,25 @@ def _forward(q, k, v, rank, config: Config, interpret: bool):
 
 def _dq(q, k, v, rank, do, lse, delta, config: Config, interpret: bool):
     b, kh, rows, h = q.shape
-    kv_len = k.shape[2]
     tile = config.dq
     n_q = rows // tile.block_q
     hi, lo = _row_tile_bounds(rank, tile.block_q)
-    per_tile = _spec((None, n_q), lambda i, bi, hk: (bi, 0))
-    q_tile = _spec((None, None, tile.block_q, h), lambda i, bi, hk: (bi, hk, i, 0))
-    row_stat = _spec((None, None, tile.block_q), lambda i, bi, hk: (bi, hk, i))
-    keys = _spec((None, None, kv_len, h), lambda i, bi, hk: (bi, hk, 0, 0))
+    spec = _q_tile_specs(tile.block_q, n_q, h, k.shape[2])
     return pl.pallas_call(
         functools.partial(_dq_kernel, block_k=tile.block_k),
         grid=(n_q, b, kh),
         in_specs=[
-            per_tile,
-            per_tile,
-            _spec((None, tile.block_q), lambda i, bi, hk: (bi, i)),
-            q_tile,
-            q_tile,
-            row_stat,
-            row_stat,
-            keys,
-            keys,
+            spec.per_tile,
+            spec.per_tile,
+            spec.rank,
+            spec.rows,
+            spec.rows,
+            spec.row_stat,
+            spec.row_stat,
+            spec.keys,
+            spec.keys,
         ],
-        out_specs=q_tile,
+        out_specs=spec.rows,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=compat.compiler_params(tile.num_warps, tile.num_stages),
         interpret=interpret,
