@@ -91,6 +91,34 @@ MEASURED = [
         1540.5,
         "h200-2026-12-03-openpi-huge-flash",
     ),
+    (
+        "pi0, B=32",
+        lambda: attended_pairs(32, 48, False),
+        {"einsum": 996.7, "pallas": 936.6},
+        875.8,
+        "h200-2026-12-03-openpi-pallas-steps",
+    ),
+    (
+        "pi0, B=4, T=4147",
+        lambda: attended_pairs(4, 3328, False),
+        {"einsum": 854.1, "pallas": 560.2},
+        459.9,
+        "h200-2026-12-03-openpi-pallas-steps",
+    ),
+    (
+        "pi0-FAST, B=32, T=1018 (gradient check on)",
+        lambda: fast_attended_pairs(32),
+        {"einsum": 1273.1, "pallas": 1140.9},
+        1078.9,
+        "h200-2026-12-03-openpi-pallas-fast-grad",
+    ),
+    (
+        "pi0, B=4, T=16435 (einsum out of memory)",
+        lambda: attended_pairs(4, 15616, False),
+        {"pallas": 2877.6},
+        1547.5,
+        "h200-2026-12-03-openpi-pallas-huge",
+    ),
 ]
 
 

@@ -5,7 +5,9 @@ A backend passes when, through flashpatch's public `attention()`, on every mask 
 suffix, one-token decode, batch 1, odd lengths, grouped and plain multi-head attention, and one
 arbitrary mask) and each dtype it declares:
 
-- forward and gradients (q, k, v) match openpi's math computed in float32, by relative error;
+- forward and gradients (q, k, v) match openpi's math computed in float32, by relative error (on the
+  one mask that is not openpi's, where a chain backend runs openpi's own path, no tighter than that
+  path's own error: `tolerances`);
 - rows that attend no key hold openpi's value (the mean of V), and nothing is NaN or inf;
 - NaN in padding (q of rows that attend nothing, k of keys nobody attends) does not leak;
 - two runs on the same inputs are bitwise equal.
@@ -167,6 +169,34 @@ def float32_reference(q, k, v, mask):
         return reference_attention(f32(q), f32(k), f32(v), mask[:, 0], jnp.float32).astype(jnp.float32)
 
 
+#: On a mask that is not openpi's (`Case.structured` False) a chain backend runs its exact fallback,
+#: openpi's own math at the caller's matmul precision, by design; there the bound is also this many
+#: times the original's own error (a GPU computes float32 products in TF32 by default: 3.7e-4).
+ORIGINAL_SLACK = 1.5
+
+
+def original_attention(q, k, v, mask):
+    """openpi's attention as openpi runs it: the inputs' dtype, the default matmul precision."""
+    from flashpatch.backends.reference import reference_attention
+
+    return reference_attention(q, k, v, mask[:, 0], q.dtype)
+
+
+def tolerances(case: Case, dtype: str, inputs, refs, loss) -> list[float]:
+    """Bounds on rel. error of (out, dq, dk, dv): TOL, and on an unstructured case no tighter than the original's.
+
+    `refs` are the float32 yardstick's output and gradients, `loss` the cotangent-weighted sum the
+    gradients are taken of. A backend is never held closer to float32 than openpi's own path on a mask
+    where flashpatch promises only to run openpi's own path.
+    """
+    bounds = [TOL[dtype]] * 4
+    if case.structured:
+        return bounds
+    out = original_attention(*inputs)
+    grads = jax.grad(loss(original_attention), argnums=(0, 1, 2))(*inputs)
+    return [max(b, ORIGINAL_SLACK * rel_err(o, r)) for b, o, r in zip(bounds, (out, *grads), refs, strict=True)]
+
+
 def check(backend: str, case: Case, dtype: str) -> None:
     """Raise AssertionError where `backend` does not compute `case` like openpi."""
     import warnings
@@ -190,21 +220,22 @@ def check(backend: str, case: Case, dtype: str) -> None:
     ref = float32_reference(q, k, v, mask)
     assert out.shape == ref.shape and out.dtype == q.dtype, (out.shape, out.dtype)
     assert_finite(out, "output")
-    err = rel_err(out, ref)
-    assert err < TOL[dtype], f"{backend} {case.name} {dtype}: forward rel.err {err:.2e} >= {TOL[dtype]}"
-
     cot = jax.random.normal(jax.random.PRNGKey(7), out.shape, jnp.float32)
 
     def loss(f):
         return lambda q, k, v, mask: jnp.sum(f(q, k, v, mask).astype(jnp.float32) * cot)
 
-    grads = jax.jit(jax.grad(loss(attend), argnums=(0, 1, 2)))(q, k, v, mask)
     want = jax.grad(loss(float32_reference), argnums=(0, 1, 2))(q, k, v, mask)
+    bounds = tolerances(case, dtype, (q, k, v, mask), (ref, *want), loss)
+    err = rel_err(out, ref)
+    assert err < bounds[0], f"{backend} {case.name} {dtype}: forward rel.err {err:.2e} >= {bounds[0]:.2e}"
+
+    grads = jax.jit(jax.grad(loss(attend), argnums=(0, 1, 2)))(q, k, v, mask)
     assert_finite(grads, "gradients")
-    for name, got, exp in zip("qkv", grads, want, strict=True):
+    for name, got, exp, bound in zip("qkv", grads, want, bounds[1:], strict=True):
         assert got.dtype == jnp.dtype(dtype), (name, got.dtype)
         err = rel_err(got, exp)
-        assert err < TOL[dtype], f"{backend} {case.name} {dtype}: d{name} rel.err {err:.2e} >= {TOL[dtype]}"
+        assert err < bound, f"{backend} {case.name} {dtype}: d{name} rel.err {err:.2e} >= {bound:.2e}"
 
     again = run(q, k, v)
     assert bool(jnp.all(again == out)), f"{backend} {case.name}: two runs on the same inputs differ"
