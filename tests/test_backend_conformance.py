@@ -134,5 +134,5 @@ def test_only_openpi_s_own_path_is_held_to_openpi_s_own_error(monkeypatch, use_b
     monkeypatch.setattr(conformance, "original_attention", lambda *args: original(*args) * (1 + 4e-4))
     use_backend("xla", _Tf32Like())
     conformance.check("xla", conformance.CASES["arbitrary"], "float32")
-    with pytest.raises(AssertionError, match="forward rel.err"):
+    with pytest.raises(AssertionError, match=r"forward rel\.err"):
         conformance.check("xla", conformance.CASES["pi0_padding_mid"], "float32")
