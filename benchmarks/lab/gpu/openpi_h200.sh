@@ -62,6 +62,16 @@ for step in "$@"; do
     gpu_tests_rest) echo "== gpu_tests_rest"; timeout 280 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=line \
         -k "flash or pallas" tests/test_gpu_models.py tests/test_backend_conformance.py \
         > "$OUT/gpu_tests_rest.log" 2>&1; echo "== gpu_tests_rest exit $?"; tail -n 25 "$OUT/gpu_tests_rest.log" ;;
+    conf_f32) echo "== conf_f32"; timeout 200 python3 -m pytest -v -m gpu -p no:cacheprovider -rf --tb=line \
+        -k "(pallas or flash) and float32" tests/test_backend_conformance.py > "$OUT/conf_f32.log" 2>&1
+      echo "== conf_f32 exit $?"; tail -n 8 "$OUT/conf_f32.log" ;;
+    gpu_models) echo "== gpu_models"; FLASHPATCH_RESULTS_DIR="$OUT/gpu_models" timeout 560 python3 -m pytest -v -m gpu \
+        -p no:cacheprovider -rf --tb=line -k "flash or pallas" tests/test_gpu_models.py > "$OUT/gpu_models.log" 2>&1
+      echo "== gpu_models exit $?"; tail -n 14 "$OUT/gpu_models.log" ;;
+    core_pallas) for shape in 32:870 2:4096; do
+        bench "core_pallas_b${shape%%:*}" 160 --scenarios core --core-batch "${shape%%:*}" --core-sizes "${shape##*:}" \
+          --backends pallas,cudnn_split,flash,cudnn --budget-s 140; done ;;
+    train_pi05_flash) bench train_pi05_flash 300 "${openpi[@]}" --backends auto --openpi-cases pi05_train --no-openpi-grad-check --repeats 4 --budget-s 280 ;;
     train_huge) bench train_huge 400 "${openpi[@]}" --backends auto --openpi-cases pi0_huge_train --no-openpi-grad-check --budget-s 360 ;;
     fit) bench fit 585 "${openpi[@]}" --backends auto --openpi-cases pi0_fit --openpi-fit-prompts 7424,15616,31744 --repeats 2 --budget-s 470 ;;
     *) echo "unknown step $step" ;;
