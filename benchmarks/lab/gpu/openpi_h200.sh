@@ -72,6 +72,10 @@ for step in "$@"; do
         bench "core_pallas_b${shape%%:*}" 160 --scenarios core --core-batch "${shape%%:*}" --core-sizes "${shape##*:}" \
           --backends pallas,cudnn_split,flash,cudnn --budget-s 140; done ;;
     train_pi05_flash) bench train_pi05_flash 300 "${openpi[@]}" --backends auto --openpi-cases pi05_train --no-openpi-grad-check --repeats 4 --budget-s 280 ;;
+    chain_profile) echo "== chain_profile (per layer of an 18-layer scan, as openpi's stack calls attention)"
+      timeout 240 python3 benchmarks/lab/gpu/split_profile.py --out "$OUT/chain_profile" --budget 210 --layers 18 \
+        --shapes 32x870,2x4096 --variants einsum,pallas_attend_only,flashpatch_pallas,flash_attend_only,flashpatch_flash \
+        > "$OUT/chain_profile.log" 2>&1; echo "== chain_profile exit $?"; tail -n 12 "$OUT/chain_profile.log" ;;
     train_huge) bench train_huge 400 "${openpi[@]}" --backends auto --openpi-cases pi0_huge_train --no-openpi-grad-check --budget-s 360 ;;
     fit) bench fit 585 "${openpi[@]}" --backends auto --openpi-cases pi0_fit --openpi-fit-prompts 7424,15616,31744 --repeats 2 --budget-s 470 ;;
     *) echo "unknown step $step" ;;

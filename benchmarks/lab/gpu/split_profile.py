@@ -7,7 +7,8 @@ cudnn_split's computation without flashpatch's conditionals; then flashpatch's c
 piece at a time (mask check and fill; the fallback conditional, trivial or real, with and without
 rematerialisation; the warning inside the fallback branch or in a second conditional, as earlier cores
 had it; the fallback's conditional before the fast path, as the core has it now, ordered or not);
-flashpatch's cudnn_split, cudnn and kvax.
+flashpatch's cudnn_split, cudnn and kvax; for the chain backends pallas and flash, their own work
+(analysis, key sort, kernel) without the core's conditional and fill, and the whole backend.
 
 `--layers L` runs each variant L times in a row inside one `lax.scan` (each layer's queries are the last
 layer's output), as openpi's layer stack does, and reports ms per layer: costs paid once per call
@@ -31,7 +32,7 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import environment, log, medians_in_rounds, openpi_mask, qkv, write
 
 import flashpatch
-from flashpatch import core, masks
+from flashpatch import backends, core, masks
 from flashpatch.backends import cudnn_split
 from flashpatch.backends.base import Problem
 from flashpatch.backends.reference import reference_attention
@@ -125,6 +126,15 @@ def variants(problem: Problem) -> dict:
         settings = flashpatch.Settings(backend=name)
         return lambda q, k, v, mask: flashpatch.attention(q, k, v, mask, settings=settings)
 
+    def attend_only(name):
+        """A chain backend's own work (analysis, sort, kernel) without the core's conditional and fill."""
+        chain = backends.get(name)
+
+        def run(q, k, v, mask):
+            return chain.attend(q, k, v, mask[:, 0], masks.analyze(mask[:, 0]), problem)
+
+        return run
+
     return {
         "einsum": lambda q, k, v, mask: reference_attention(q, k, v, mask[:, 0], jnp.bfloat16),
         "cudnn_raw_dense": lambda q, k, v, mask: jax.nn.dot_product_attention(
@@ -150,6 +160,10 @@ def variants(problem: Problem) -> dict:
         "flashpatch_cudnn_split": flashpatch_backend("cudnn_split"),
         "flashpatch_cudnn": flashpatch_backend("cudnn"),
         "flashpatch_kvax": flashpatch_backend("kvax"),
+        "pallas_attend_only": attend_only("pallas"),
+        "flashpatch_pallas": flashpatch_backend("pallas"),
+        "flash_attend_only": attend_only("flash"),
+        "flashpatch_flash": flashpatch_backend("flash"),
     }
 
 
