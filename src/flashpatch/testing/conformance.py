@@ -171,7 +171,7 @@ def float32_reference(q, k, v, mask):
 
 #: On a mask that is not openpi's (`Case.structured` False) a chain backend runs its exact fallback,
 #: openpi's own math at the caller's matmul precision, by design; there the bound is also this many
-#: times the original's own error (a GPU computes float32 products in TF32 by default: 3.7e-4).
+#: times the original's own error (a GPU computes float32 products in TF32 by default).
 ORIGINAL_SLACK = 1.5
 
 
