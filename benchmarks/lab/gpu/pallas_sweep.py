@@ -5,7 +5,9 @@ One process, openpi's layout (8 q heads, 1 kv head, head_dim 256, bf16), for eac
   correct   the kernel (each candidate tiling) and the whole `pallas` backend against float32: rel.err of
             the output (rows that attend keys) and of dq, dk, dv; at 4 x 16384 the forward only, on a
             slice of rows (a float32 reference of everything would not fit)
-  time      median ms of >= 20 synchronised calls after warm-up, forward and forward+backward:
+  time      median ms of >= 20 synchronised calls after warm-up, forward and forward+backward, every variant
+            in rounds of consecutive calls (`common.medians_in_rounds`; timed one after the other, one run's
+            kernel forward at 32 x 870 came out 1.8x slower than in three others):
               einsum            openpi's math (`reference_attention`) with the dense mask
               pallas[<config>]  the kernel alone, keys already sorted, one entry per candidate tiling
               flashpatch        `flashpatch.attention(..., backend="pallas")`: mask analysis, key sort, the
@@ -46,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import environment, log, median_ms
+from common import environment, log, medians_in_rounds
 
 import flashpatch
 from flashpatch import masks
@@ -245,7 +247,9 @@ def run_shape(name, batch, length, kind, args, configs, interpret, deadline, rec
     shape["correct"] = check
     log(f"   correct: {json.dumps(check, default=str)[:1500]}")
 
-    # timings
+    # timings: every variant compiled and warmed within the budget, then all timed in rounds
+    # (common.medians_in_rounds), so a drift of clocks or memory over the run falls on every variant alike
+    fns = {}
     for vname, (fn, pairs, note) in found.items():
         entry = shape["variants"].setdefault(vname, {"pairs": pairs, "note": note})
         qkv = (q, k_sorted, v_sorted) if vname.startswith("pallas[") else (q, k, v)
@@ -253,16 +257,24 @@ def run_shape(name, batch, length, kind, args, configs, interpret, deadline, rec
             if time.monotonic() > deadline:
                 entry[mode] = "skipped: time budget"
                 continue
-            inputs = [(*qkv, mask, plan.rank)] if mode == "fwd" else [(*qkv, mask, plan.rank, cot)]
+            args_ = (*qkv, mask, plan.rank) if mode == "fwd" else (*qkv, mask, plan.rank, cot)
             jitted = jax.jit(fn if mode == "fwd" else with_grad(fn))
             try:
-                ms = median_ms(jitted, inputs, repeats=args.repeats, warmup=2)
-                flops = 4 * HEADS * HEAD_DIM * pairs * (1.0 if mode == "fwd" else 3.5)
-                entry[mode] = {"ms": ms, "tflops": flops / ms / 1e9, **compiled_bytes(jitted, *inputs[0])}
-                log(f"   {vname:28s} {mode:8s} {ms:9.3f} ms  {flops / ms / 1e9:7.1f} TFLOP/s")
+                entry[mode] = compiled_bytes(jitted, *args_)
+                fns[(vname, mode)] = lambda jitted=jitted, args_=args_: jitted(*args_)
             except Exception as err:
                 entry[mode] = error_text(err)
                 log(f"   {vname:28s} {mode:8s} failed: {entry[mode][:300]}")
+    medians = medians_in_rounds(fns, [()], repeats=args.repeats, warmup=2)
+    for (vname, mode), ms in medians.items():
+        entry = shape["variants"][vname]
+        if isinstance(ms, str):
+            entry[mode] = ms
+            log(f"   {vname:28s} {mode:8s} failed: {ms[:300]}")
+            continue
+        flops = 4 * HEADS * HEAD_DIM * entry["pairs"] * (1.0 if mode == "fwd" else 3.5)
+        entry[mode] = {"ms": ms, "tflops": flops / ms / 1e9, **entry[mode]}
+        log(f"   {vname:28s} {mode:8s} {ms:9.3f} ms  {flops / ms / 1e9:7.1f} TFLOP/s")
 
 
 def table(record) -> str:
