@@ -16,13 +16,13 @@ import jax
 import jax.numpy as jnp
 
 from flashpatch import masks
-from flashpatch.backends.base import HALF_DTYPES, ChainBackend, Problem
+from flashpatch.backends.base import ChainBackend, Problem
 from flashpatch.masks import MaskPlan
 
 MAX_HEAD_DIM = 256
 
 
-def compute_dtype(q_dtype, k_dtype, v_dtype):
+def compute_dtype(problem: Problem):
     """The kernels' dtype: the keys' where k and v are half (pi0-FAST keeps q in float32 beside bf16 keys).
 
     Promoting to float32 there would run every tile in float32: twice the shared memory and float32
@@ -30,9 +30,9 @@ def compute_dtype(q_dtype, k_dtype, v_dtype):
     (docs/benchmarks.md, "The Pallas kernel"). Rounding q to the keys' dtype is the rounding the flash
     and cuDNN paths do.
     """
-    if k_dtype == v_dtype and jnp.dtype(k_dtype).name in HALF_DTYPES:
-        return jnp.dtype(k_dtype)
-    return jnp.dtype(jnp.result_type(q_dtype, k_dtype, v_dtype))
+    if problem.half_kv:
+        return jnp.dtype(problem.k_dtype)
+    return jnp.dtype(jnp.result_type(problem.q_dtype, problem.k_dtype, problem.v_dtype))
 
 
 class PallasBackend(ChainBackend):
@@ -60,7 +60,7 @@ class PallasBackend(ChainBackend):
         from flashpatch.backends.pallas import kernel
 
         k_sorted, v_sorted = masks.sorted_keys(k, v, plan, masks.key_order(plan))
-        dtype = compute_dtype(q.dtype, k.dtype, v.dtype)
+        dtype = compute_dtype(problem)
         out = kernel.flash_attention(
             q.astype(dtype),
             k_sorted.astype(dtype),
