@@ -76,6 +76,9 @@ for step in "$@"; do
       timeout 240 python3 benchmarks/lab/gpu/split_profile.py --out "$OUT/chain_profile" --budget 210 --layers 18 \
         --shapes 32x870,2x4096 --variants einsum,pallas_attend_only,flashpatch_pallas,flash_attend_only,flashpatch_flash \
         > "$OUT/chain_profile.log" 2>&1; echo "== chain_profile exit $?"; tail -n 12 "$OUT/chain_profile.log" ;;
+    pallas_mha) echo "== pallas_mha (beside JAX's own Pallas mha, four tilings, and plain causal)"
+      timeout 185 python3 benchmarks/lab/gpu/pallas_sweep.py --shapes 2x4096,32x870 --configs sm90-128x64 --budget 160 \
+        > "$OUT/pallas_mha.log" 2>&1; echo "== pallas_mha exit $?"; tail -n 24 "$OUT/pallas_mha.log" ;;
     train_huge) bench train_huge 400 "${openpi[@]}" --backends auto --openpi-cases pi0_huge_train --no-openpi-grad-check --budget-s 360 ;;
     fit) bench fit 585 "${openpi[@]}" --backends auto --openpi-cases pi0_fit --openpi-fit-prompts 7424,15616,31744 --repeats 2 --budget-s 470 ;;
     *) echo "unknown step $step" ;;

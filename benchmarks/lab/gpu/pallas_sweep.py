@@ -14,7 +14,9 @@ One process, openpi's layout (8 q heads, 1 kv head, head_dim 256, bf16), for eac
                                 in-graph chain check and the kernel (what openpi would run)
               cudnn_causal      `jax.nn.dot_product_attention(implementation="cudnn", is_causal=True)`: plain
                                 causal attention, a reference point (not openpi's mask)
-              jax_mha[...]      JAX's own Pallas `mha(causal=True)` with K/V repeated to 8 heads, a reference point
+              pallas_causal     the kernel on plain causal attention (rank t+1), like for like with the two below
+              jax_mha[...]      JAX's own Pallas `mha(causal=True)` with K/V repeated to 8 heads, T padded to a
+                                multiple of 128, a reference point (four tilings; its default does not fit sm90)
   memory    XLA's temp + output bytes of each compiled function (`memory_analysis`), and the device's peak
 
 Useful TFLOP/s counts only the (query, key) pairs a variant's mask attends: forward = 4 * N * H * pairs
@@ -62,6 +64,9 @@ QUICK_SHAPES = ("32x870", "2x4096")
 SMOKE_SHAPES = {"2x120": (2, 120, "pi0"), "1x256": (1, 256, "chain")}
 #: The einsum materialises B*N*T*S float32 logits and more for its gradient: past this many pairs it is skipped.
 EINSUM_MAX_PAIRS = 2**31
+#: JAX's Pallas Triton `mha`: (block_q, block_k, num_warps, backward blocks); T is padded to a multiple of 128.
+MHA_TILINGS = ((64, 64, 4, 32), (128, 64, 8, 32), (64, 32, 4, 32), (64, 64, 8, 64))
+MHA_MULTIPLE = 128
 #: A float32 reference of the whole problem up to this many (B*N*T*S) pairs; beyond, a slice of rows, forward only.
 REFERENCE_MAX_PAIRS = 2**30
 REFERENCE_ROWS = 1024
@@ -137,6 +142,12 @@ def variants(batch, length, mask, plan, configs, interpret: bool, quick: bool):
             pairs,
             "sorted keys",
         )
+    causal_rank = jnp.broadcast_to(jnp.arange(1, length + 1, dtype=jnp.int32), (batch, length))
+    out["pallas_causal"] = (
+        lambda q, k, v, m, r: kernel.flash_attention(q, k, v, causal_rank, interpret=interpret),
+        causal_pairs,
+        "plain causal, this GPU's default tiling",
+    )
     settings = flashpatch.Settings(backend="pallas")
     out["flashpatch"] = (lambda q, k, v, m, r: flashpatch.attention(q, k, v, m[:, None], settings=settings), pairs, "")
     if interpret:  # cuDNN and JAX's Triton mha need the GPU
@@ -149,19 +160,26 @@ def variants(batch, length, mask, plan, configs, interpret: bool, quick: bool):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         from jax.experimental.pallas.ops.gpu import attention as jax_attention
-    blocks = {"default": jax_attention.BlockSizes.get_default()}
-    if not quick:
-        blocks["64x64"] = jax_attention.BlockSizes(
-            block_q=64, block_k=64, block_q_dkv=32, block_kv_dkv=32, block_q_dq=32, block_kv_dq=32
+    # (block_q, block_k, num_warps, backward blocks): the default (128 x 128) needs more shared memory than an H200
+    # has at head_dim 256; these four are the ones the kernel probes of 2026-12-01 took the best of.
+    tilings = MHA_TILINGS[:2] if quick else MHA_TILINGS
+    for block_q, block_k, warps, back in tilings:
+        sizes = jax_attention.BlockSizes(
+            block_q=block_q, block_k=block_k, block_q_dkv=back, block_kv_dkv=back, block_q_dq=back, block_kv_dq=back
         )
-    for label, sizes in blocks.items():
 
-        def mha(q, k, v, m, r, sizes=sizes):
+        def mha(q, k, v, m, r, sizes=sizes, warps=warps):
+            # its blocks must divide T: pad the end with zeros (under a causal mask no real row sees a padded key)
             g = q.shape[2] // k.shape[2]
+            pad = -q.shape[1] % MHA_MULTIPLE
+            q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
             k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
-            return jax_attention.mha(q, k, v, None, sm_scale=1.0, causal=True, block_sizes=sizes)
+            o = jax_attention.mha(
+                q, k, v, None, sm_scale=1.0, causal=True, block_sizes=sizes, num_warps=warps, num_stages=2
+            )
+            return o[:, : o.shape[1] - pad]
 
-        out[f"jax_mha[{label}]"] = (mha, causal_pairs, "K/V repeated, plain causal")
+        out[f"jax_mha[q{block_q}k{block_k}w{warps}b{back}]"] = (mha, causal_pairs, "K/V repeated, plain causal")
     return out
 
 
@@ -219,7 +237,21 @@ def run_shape(name, batch, length, kind, args, configs, interpret, deadline, rec
     except Exception as err:
         check["reference"] = error_text(err)
         ref_out = None
-    for vname, (fn, _, _) in found.items():
+    causal_ref = None
+    if whole:
+        causal_rank = jnp.broadcast_to(jnp.arange(1, length + 1, dtype=jnp.int32), (batch, length))
+        try:
+            causal_ref = jax.jit(prefix_reference)(q, k, v, causal_rank)
+        except Exception as err:
+            check["causal_reference"] = error_text(err)
+    for vname, (fn, _, note) in found.items():
+        if "plain causal" in note and causal_ref is not None and time.monotonic() <= deadline:
+            try:  # the reference points: forward only, against float32 causal attention
+                out = jax.jit(fn)(q, k, v, mask, plan.rank)
+                check[vname] = {"out": rel_err(out, causal_ref), "finite": bool(jnp.all(jnp.isfinite(out)))}
+            except Exception as err:
+                check[vname] = error_text(err)
+            continue
         if not (vname.startswith("pallas[") or vname == "flashpatch") or ref_out is None:
             continue
         if time.monotonic() > deadline:
