@@ -120,6 +120,34 @@ MEASURED = [
         1547.5,
         "h200-2026-12-03-openpi-pallas-huge",
     ),
+    (
+        "pi0, B=32 (repeat)",
+        lambda: attended_pairs(32, 48, False),
+        {"einsum": 990.2, "flash": 927.5},
+        879.5,
+        "h200-2026-12-03-pm-openpi-auto/train_pi0_flash",
+    ),
+    (
+        "pi0.5, B=32, T=1018",
+        lambda: attended_pairs(32, 200, True),
+        {"einsum": 1141.1, "flash": 1044.8},
+        982.8,
+        "h200-2026-12-03-pm-openpi-auto/train_pi05_flash",
+    ),
+    (
+        "pi0, B=4, T=4147 (repeat)",
+        lambda: attended_pairs(4, 3328, False),
+        {"einsum": 850.2, "flash": 522.0},
+        459.0,
+        "h200-2026-12-03-pm-openpi-auto/train_long_flash",
+    ),
+    (
+        "pi0-FAST, B=32, T=1018 (repeat)",
+        lambda: fast_attended_pairs(32),
+        {"einsum": 1270.4, "flash": 1144.9},
+        1078.9,
+        "h200-2026-12-03-pm-openpi-auto/train_fast",
+    ),
 ]
 
 
