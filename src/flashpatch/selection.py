@@ -97,7 +97,8 @@ RULES: tuple[Rule, ...] = (
         lambda p: p.pairs >= GPU_MIN_PAIRS_FOR_SPLIT,
         ("flash",),
         "FlashAttention's kernels on openpi's masks, without a dense mask or sorted queries: the fastest path "
-        "measured from 3 * 2**25 (query, key) pairs, pi0's and pi0-FAST's training included (not measured below) "
+        "measured from 3 * 2**25 (query, key) pairs, pi0's, pi0.5's and pi0-FAST's training included; below, it "
+        "lost to the einsum at B=8, T=768 (0.84x) "
         f"({_BENCH}, 'FlashAttention')",
     ),
     Rule(
