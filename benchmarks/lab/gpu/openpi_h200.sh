@@ -74,7 +74,7 @@ for step in "$@"; do
     train_pi05_flash) bench train_pi05_flash 300 "${openpi[@]}" --backends auto --openpi-cases pi05_train --no-openpi-grad-check --repeats 4 --budget-s 280 ;;
     chain_profile) echo "== chain_profile (per layer of an 18-layer scan, as openpi's stack calls attention)"
       timeout 240 python3 benchmarks/lab/gpu/split_profile.py --out "$OUT/chain_profile" --budget 210 --layers 18 \
-        --shapes 32x870,2x4096 --variants einsum,pallas_attend_only,flashpatch_pallas,flash_attend_only,flashpatch_flash \
+        --shapes 32x870,2x4096 --variants einsum,pallas_attend_only,pallas_attend_fill,flashpatch_pallas,pallas_stack_cond,flash_attend_only,flash_attend_fill,flashpatch_flash,flash_stack_cond \
         > "$OUT/chain_profile.log" 2>&1; echo "== chain_profile exit $?"; tail -n 12 "$OUT/chain_profile.log" ;;
     pallas_mha) echo "== pallas_mha (beside JAX's own Pallas mha, four tilings, and plain causal)"
       timeout 185 python3 benchmarks/lab/gpu/pallas_sweep.py --shapes 2x4096,32x870 --configs sm90-128x64 --budget 160 \

@@ -8,7 +8,8 @@ piece at a time (mask check and fill; the fallback conditional, trivial or real,
 rematerialisation; the warning inside the fallback branch or in a second conditional, as earlier cores
 had it; the fallback's conditional before the fast path, as the core has it now, ordered or not);
 flashpatch's cudnn_split, cudnn and kvax; for the chain backends pallas and flash, their own work
-(analysis, key sort, kernel) without the core's conditional and fill, and the whole backend.
+(analysis, key sort, kernel) without the core's conditional and fill, with the fill alone, the whole backend,
+and the whole stack under one decision (`*_stack_cond`: analysis and conditional once, outside the scan).
 
 `--layers L` runs each variant L times in a row inside one `lax.scan` (each layer's queries are the last
 layer's output), as openpi's layer stack does, and reports ms per layer: costs paid once per call
@@ -135,6 +136,52 @@ def variants(problem: Problem) -> dict:
 
         return run
 
+    def attend_fill(name):
+        """A chain backend's own work and the core's empty-row fill, without the fallback conditional."""
+        chain = backends.get(name)
+
+        def run(q, k, v, mask):
+            plan = masks.analyze(mask[:, 0])
+            out = chain.attend(q, k, v, mask[:, 0], plan, problem).astype(problem.out_dtype)
+            fill = core.empty_row_value(v, problem.probs_dtype, problem.num_heads)
+            return jnp.where((plan.rank > 0)[:, :, None, None], out, fill)
+
+        return run
+
+    def stack_cond(name):
+        """The whole layer stack under one decision: analysis and the fallback conditional once, outside the scan.
+
+        A candidate for openpi's stack (the mask is the same in every layer): one conditional per stack chooses
+        a scan of the fast path (own work and fill per layer) or a scan of the rematerialised fallback, against
+        the core's one conditional per layer. `stacked` hands it the number of layers.
+        """
+        chain = backends.get(name)
+        dense = chain.fallback_for(problem)
+
+        def run(q, k, v, mask, layers):
+            mask = mask[:, 0]
+            plan = masks.analyze(mask)
+            rows = (plan.rank > 0)[:, :, None, None]
+            fill = core.empty_row_value(v, problem.probs_dtype, problem.num_heads)
+
+            def fast_layer(x, _):
+                out = chain.attend(x, k, v, mask, plan, problem).astype(problem.out_dtype)
+                return jnp.where(rows, out, fill).astype(x.dtype), None
+
+            @jax.checkpoint
+            def fallback_layer(x, _):
+                out = dense.attend(x, k, v, mask, problem).astype(problem.out_dtype)
+                return jnp.where(rows, out, fill).astype(x.dtype), None
+
+            return jax.lax.cond(
+                chain.accepts(plan, problem),
+                lambda: jax.lax.scan(fast_layer, q, None, length=layers)[0],
+                lambda: jax.lax.scan(fallback_layer, q, None, length=layers)[0],
+            )
+
+        run.whole_stack = True
+        return run
+
     return {
         "einsum": lambda q, k, v, mask: reference_attention(q, k, v, mask[:, 0], jnp.bfloat16),
         "cudnn_raw_dense": lambda q, k, v, mask: jax.nn.dot_product_attention(
@@ -164,11 +211,20 @@ def variants(problem: Problem) -> dict:
         "flashpatch_pallas": flashpatch_backend("pallas"),
         "flash_attend_only": attend_only("flash"),
         "flashpatch_flash": flashpatch_backend("flash"),
+        "pallas_attend_fill": attend_fill("pallas"),
+        "pallas_stack_cond": stack_cond("pallas"),
+        "flash_attend_fill": attend_fill("flash"),
+        "flash_stack_cond": stack_cond("flash"),
     }
 
 
 def stacked(fn, layers: int):
-    """fn applied `layers` times in a lax.scan, each layer's queries the last one's output (openpi's stack)."""
+    """fn applied `layers` times in a lax.scan, each layer's queries the last one's output (openpi's stack).
+
+    A variant marked `whole_stack` builds its own stack from the number of layers (`stack_cond`).
+    """
+    if getattr(fn, "whole_stack", False):
+        return lambda q, k, v, mask: fn(q, k, v, mask, layers)
     if layers == 1:
         return fn
 
@@ -199,7 +255,7 @@ def main() -> None:
         mask = jnp.asarray(openpi_mask(batch, length))[:, None]
         sets = [(*qkv(batch, length, length, seed=s), mask) for s in (0, 1)]
         cot = jax.random.normal(jax.random.PRNGKey(2), sets[0][0].shape, jnp.float32)
-        problem = Problem.of(*sets[0][:3], jnp.bfloat16, "gpu")
+        problem = Problem.of(*sets[0][:3], jnp.bfloat16, core._platform())  # "cpu": kernels interpreted
         chosen = variants(problem)
         if args.variants:
             unknown = set(args.variants.split(",")) - set(chosen)
