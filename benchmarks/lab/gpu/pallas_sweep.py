@@ -16,7 +16,8 @@ One process, openpi's layout (8 q heads, 1 kv head, head_dim 256, bf16), for eac
                                 causal attention, a reference point (not openpi's mask)
               pallas_causal     the kernel on plain causal attention (rank t+1), like for like with the two below
               jax_mha[...]      JAX's own Pallas `mha(causal=True)` with K/V repeated to 8 heads, T padded to a
-                                multiple of 128, a reference point (four tilings; its default does not fit sm90)
+                                multiple of 128, a reference point (four tilings, two with --quick; its default does
+                                not fit sm90)
   memory    XLA's temp + output bytes of each compiled function (`memory_analysis`), and the device's peak
 
 Useful TFLOP/s counts only the (query, key) pairs a variant's mask attends: forward = 4 * N * H * pairs
@@ -111,6 +112,11 @@ def prefix_reference(q, k, v, rank):
     return jnp.where((rank > 0)[:, :, None, None], out, 0.0)
 
 
+def causal_rank(batch: int, length: int) -> jax.Array:
+    """(B, T) ranks of plain causal attention: row t attends keys [0, t]."""
+    return jnp.broadcast_to(jnp.arange(1, length + 1, dtype=jnp.int32), (batch, length))
+
+
 def rel_err(out, ref, rows=None) -> float:
     out, ref = jnp.asarray(out, jnp.float32), jnp.asarray(ref, jnp.float32)
     if rows is not None:
@@ -142,9 +148,9 @@ def variants(batch, length, mask, plan, configs, interpret: bool, quick: bool):
             pairs,
             "sorted keys",
         )
-    causal_rank = jnp.broadcast_to(jnp.arange(1, length + 1, dtype=jnp.int32), (batch, length))
+    causal = causal_rank(batch, length)
     out["pallas_causal"] = (
-        lambda q, k, v, m, r: kernel.flash_attention(q, k, v, causal_rank, interpret=interpret),
+        lambda q, k, v, m, r: kernel.flash_attention(q, k, v, causal, interpret=interpret),
         causal_pairs,
         "plain causal, this GPU's default tiling",
     )
@@ -239,9 +245,8 @@ def run_shape(name, batch, length, kind, args, configs, interpret, deadline, rec
         ref_out = None
     causal_ref = None
     if whole:
-        causal_rank = jnp.broadcast_to(jnp.arange(1, length + 1, dtype=jnp.int32), (batch, length))
         try:
-            causal_ref = jax.jit(prefix_reference)(q, k, v, causal_rank)
+            causal_ref = jax.jit(prefix_reference)(q, k, v, causal_rank(batch, length))
         except Exception as err:
             check["causal_reference"] = error_text(err)
     for vname, (fn, _, note) in found.items():

@@ -136,15 +136,18 @@ def variants(problem: Problem) -> dict:
 
         return run
 
+    def filled(out, v, plan):
+        """The core's empty-row fill: openpi's value where a row attends no key."""
+        fill = core.empty_row_value(v, problem.probs_dtype, problem.num_heads)
+        return jnp.where((plan.rank > 0)[:, :, None, None], out.astype(problem.out_dtype), fill)
+
     def attend_fill(name):
         """A chain backend's own work and the core's empty-row fill, without the fallback conditional."""
         chain = backends.get(name)
 
         def run(q, k, v, mask):
             plan = masks.analyze(mask[:, 0])
-            out = chain.attend(q, k, v, mask[:, 0], plan, problem).astype(problem.out_dtype)
-            fill = core.empty_row_value(v, problem.probs_dtype, problem.num_heads)
-            return jnp.where((plan.rank > 0)[:, :, None, None], out, fill)
+            return filled(chain.attend(q, k, v, mask[:, 0], plan, problem), v, plan)
 
         return run
 
@@ -161,17 +164,13 @@ def variants(problem: Problem) -> dict:
         def run(q, k, v, mask, layers):
             mask = mask[:, 0]
             plan = masks.analyze(mask)
-            rows = (plan.rank > 0)[:, :, None, None]
-            fill = core.empty_row_value(v, problem.probs_dtype, problem.num_heads)
 
             def fast_layer(x, _):
-                out = chain.attend(x, k, v, mask, plan, problem).astype(problem.out_dtype)
-                return jnp.where(rows, out, fill).astype(x.dtype), None
+                return filled(chain.attend(x, k, v, mask, plan, problem), v, plan).astype(x.dtype), None
 
             @jax.checkpoint
             def fallback_layer(x, _):
-                out = dense.attend(x, k, v, mask, problem).astype(problem.out_dtype)
-                return jnp.where(rows, out, fill).astype(x.dtype), None
+                return filled(dense.attend(x, k, v, mask, problem), v, plan).astype(x.dtype), None
 
             return jax.lax.cond(
                 chain.accepts(plan, problem),
