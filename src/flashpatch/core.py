@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from flashpatch import backends, diagnostics, masks, selection, stack, verify
+from flashpatch import backends, diagnostics, masks, selection, verify
 from flashpatch.backends.base import Backend, ChainBackend, DenseBackend, Problem
 from flashpatch.backends.reference import reference_attention
 from flashpatch.settings import Settings
@@ -115,17 +115,7 @@ def attention(
 
 def _flash(q, k, v, mask, backend: Backend, problem: Problem) -> jax.Array:
     """A backend's output with openpi's value in the rows that attend no key."""
-    decision = stack.current()
-    if isinstance(backend, ChainBackend) and decision is not None:
-        # The enclosing stack call decides once for all its layers (flashpatch.stack): no conditional here.
-        plan = masks.analyze(mask)
-        has_keys = plan.rank > 0
-        if decision.mode is stack.Mode.SPECULATE:
-            decision.record(backend, problem, mask.shape)
-            out = backend.attend(q, k, v, mask, plan, problem)
-        else:
-            out = backend.fallback_for(problem).attend(q, k, v, mask, problem)
-    elif isinstance(backend, ChainBackend):
+    if isinstance(backend, ChainBackend):
         plan = masks.analyze(mask)
         has_keys = plan.rank > 0
         accepted = backend.accepts(plan, problem)

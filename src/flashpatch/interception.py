@@ -26,10 +26,9 @@ from typing import Any
 import flax.linen as nn
 import wrapt
 
-from flashpatch import core, diagnostics, drift, stack, switch, targets, verify
+from flashpatch import core, diagnostics, drift, switch, targets, verify
 from flashpatch.switch import Frame, Mode
-from flashpatch.targets.base import Target, openpi_mask
-from flashpatch.targets.stack import LayerStack
+from flashpatch.targets.base import Target
 
 _lock = threading.RLock()
 _users = 0
@@ -109,8 +108,7 @@ def _bind(target: Target, module: types.ModuleType) -> None:
             f"{target.site} does not match what flashpatch knows ({reason}); it is not patched and runs as before",
         )
         return
-    gate = _stack_gate(target, original) if isinstance(target.adapter, LayerStack) else _gate(target, original)
-    type.__setattr__(cls, "__call__", gate)
+    type.__setattr__(cls, "__call__", _gate(target, original))
     _bound[target] = (cls, original)
 
 
@@ -157,31 +155,3 @@ def _intercept(target, signature, instance, frame: Frame, next_fun, args, kwargs
         active = dataclasses.replace(active, verify=False)
     attend = functools.partial(core.attention, settings=active, site=target.site)
     return target.adapter.forward(instance, arguments, attend)
-
-
-def _stack_gate(target: Target, original: Callable[..., Any]) -> Callable[..., Any]:
-    """The gate of a module whose call runs a layer stack: decided once per call (`flashpatch.stack`)."""
-    adapter = target.adapter
-    assert isinstance(adapter, LayerStack)
-
-    @functools.wraps(original, updated=())
-    def flashpatch_stack_gate(self, *args, **kwargs):
-        frame = switch.top()
-        if frame.mode is not Mode.ON or frame.settings.verify or stack.current() is not None:
-            return original(self, *args, **kwargs)
-        interceptor = functools.partial(_intercept_stack, adapter, self)
-        with nn.intercept_methods(interceptor):
-            return original(self, *args, **kwargs)
-
-    flashpatch_stack_gate.__flashpatch_original__ = original
-    return flashpatch_stack_gate
-
-
-def _intercept_stack(adapter: LayerStack, instance, next_fun, args, kwargs, context):
-    module = context.module
-    if module is not instance or context.method_name != "__call__" or stack.current() is not None:
-        return next_fun(*args, **kwargs)
-    mask = adapter.mask(module, args, kwargs)
-    if mask is None or not stack.eligible(module):
-        return next_fun(*args, **kwargs)
-    return stack.decide(module, next_fun, args, kwargs, openpi_mask(mask))

@@ -1,6 +1,4 @@
-"""The classes of openpi that flashpatch patches: (module, class, kind). Imports nothing.
-
-Its two attention classes, and the two modules whose calls run the layer stack (`flashpatch.stack`).
+"""The attention classes of openpi that flashpatch patches: (module, class, kind). Imports nothing.
 
 One list for the targets (`flashpatch.targets`) and the interpreter-start hook, which must know the
 modules to wait for without importing JAX.
@@ -11,8 +9,6 @@ from __future__ import annotations
 OPENPI: tuple[tuple[str, str, str], ...] = (
     ("openpi.models.gemma", "Attention", "gemma"),
     ("openpi.models.gemma_fast", "Attention", "gemma_fast"),
-    ("openpi.models.gemma", "Module", "stack"),
-    ("openpi.models.gemma_fast", "Module", "stack"),
 )
 
 

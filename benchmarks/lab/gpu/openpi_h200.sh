@@ -76,9 +76,6 @@ for step in "$@"; do
       timeout 240 python3 benchmarks/lab/gpu/split_profile.py --out "$OUT/chain_profile" --budget 210 --layers 18 \
         --shapes 32x870,2x4096 --variants einsum,pallas_attend_only,pallas_attend_fill,flashpatch_pallas,pallas_stack_cond,flash_attend_only,flash_attend_fill,flashpatch_flash,flash_stack_cond \
         > "$OUT/chain_profile.log" 2>&1; echo "== chain_profile exit $?"; tail -n 12 "$OUT/chain_profile.log" ;;
-    stack_probe) echo "== stack_probe (openpi's gemma.Module, one decision per stack: conditionals, errors, a refused mask)"
-      timeout 200 python3 benchmarks/lab/gpu/stack_probe.py --openpi-src .openpi/src --backends flash,pallas \
-        > "$OUT/stack_probe.log" 2>&1; echo "== stack_probe exit $?"; grep -v Warning "$OUT/stack_probe.log" | tail -n 12 ;;
     pallas_mha) echo "== pallas_mha (beside JAX's own Pallas mha, four tilings, and plain causal)"
       timeout 185 python3 benchmarks/lab/gpu/pallas_sweep.py --shapes 2x4096,32x870 --configs sm90-128x64 --budget 160 \
         > "$OUT/pallas_mha.log" 2>&1; echo "== pallas_mha exit $?"; tail -n 24 "$OUT/pallas_mha.log" ;;

@@ -163,14 +163,6 @@ class ChainBackend(Backend):
         """
         return plan.exact
 
-    def refuses_openpi_masks(self, problem: Problem) -> bool:
-        """Whether `accepts` can refuse masks that openpi's own models make for `problem`.
-
-        Where it can, the core asks `accepts` in each layer rather than once per layer stack
-        (`flashpatch.stack`), so that a refused mask costs the exact path alone, not the fast one too.
-        """
-        return False
-
     def fallback_for(self, problem: Problem) -> DenseBackend:
         """The exact backend for `problem`'s refused masks."""
         if self.fallback is not None:

@@ -182,10 +182,6 @@ class CudnnSplitBackend(ChainBackend):
     def accepts(self, plan: MaskPlan, problem: Problem) -> jax.Array:
         return plan.exact & tail_fits(plan, min(self.tail_max, problem.q_len))
 
-    def refuses_openpi_masks(self, problem: Problem) -> bool:
-        # pi0-FAST's causal suffix overflows the tail wherever it is longer than tail_max rows.
-        return problem.causal_runs and problem.q_len > self.tail_max
-
     def attend(self, q, k, v, mask, plan: MaskPlan, problem: Problem):
         parts = split(plan, min(self.tail_max, problem.q_len))
         return split_attention(q, k, v, mask, parts, problem, implementation=self.implementation)

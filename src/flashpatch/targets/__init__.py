@@ -10,9 +10,8 @@ from flashpatch import diagnostics, openpi_sites
 from flashpatch.targets.base import Adapter, Target
 from flashpatch.targets.gemma import GemmaAttention
 from flashpatch.targets.gemma_fast import GemmaFastAttention
-from flashpatch.targets.stack import LayerStack
 
-ADAPTERS: dict[str, Adapter] = {"gemma": GemmaAttention(), "gemma_fast": GemmaFastAttention(), "stack": LayerStack()}
+ADAPTERS: dict[str, Adapter] = {"gemma": GemmaAttention(), "gemma_fast": GemmaFastAttention()}
 
 _registry: dict[tuple[str, str], Target] = {}
 _lock = threading.Lock()
@@ -20,11 +19,7 @@ _listeners: list = []
 
 
 def register(module: str, cls_name: str = "Attention", kind: str = "gemma") -> Target:
-    """Patch `module.cls_name` too, as a class of `kind` ('gemma' or 'gemma_fast' attention, or 'stack').
-
-    A 'stack' class is one like openpi's `Module`: its call runs the layers (calls of the `Block` class
-    defined beside it, whose `attn_mask` every layer receives), and flashpatch decides once per such call
-    whether the fast path computes its mask (`flashpatch.stack`).
+    """Patch `module.cls_name` too, as a class of `kind` ('gemma' or 'gemma_fast').
 
     For forks of openpi that keep the code under another package name, and for tests.
     Registering the same class twice is harmless. A module that cannot be found is reported once (a

@@ -31,10 +31,8 @@ def fresh_state() -> Iterator[None]:
 
 
 def register() -> None:
-    """Make flashpatch patch these modules' Attention and Module classes like openpi's."""
+    """Make flashpatch patch these modules' Attention classes like openpi's."""
     import flashpatch
 
     flashpatch.register_target("flashpatch.testing.gemma", "Attention", kind="gemma")
     flashpatch.register_target("flashpatch.testing.gemma_fast", "Attention", kind="gemma_fast")
-    flashpatch.register_target("flashpatch.testing.gemma", "Module", kind="stack")
-    flashpatch.register_target("flashpatch.testing.gemma_fast", "Module", kind="stack")
