@@ -157,6 +157,34 @@ MEASURED = [
         1078.9,
         "h200-2026-12-03-pm-openpi-auto/train_fast",
     ),
+    (
+        "pi0, B=32 (evening)",
+        PI0_B32,
+        {"einsum": 1007.8, "flash": 943.6},
+        887.2,
+        "h200-2026-12-03-eve-stack-decision/per-layer",
+    ),
+    (
+        "pi0, B=32 (evening, one decision per stack)",
+        PI0_B32,
+        {"einsum": 1009.6, "flash": 944.7},
+        888.4,
+        "h200-2026-12-03-eve-stack-decision/forced",
+    ),
+    (
+        "pi0-FAST, B=32, T=1018 (evening)",
+        FAST_B32,
+        {"einsum": 1289.5, "flash": 1159.6},
+        1092.3,
+        "h200-2026-12-03-eve-stack-decision/per-layer",
+    ),
+    (
+        "pi0-FAST, B=32, T=1018 (evening, one decision per stack)",
+        FAST_B32,
+        {"einsum": 1289.2, "flash": 1149.7},
+        1086.7,
+        "h200-2026-12-03-eve-stack-decision/forced",
+    ),
 ]
 
 
@@ -218,6 +246,7 @@ TARGETS = [
         "2100",
         "openpi-huge-flash",
     ),
+    ("pi0-FAST, B=32: >= 1.12x", FAST_B32, 1270.4, 1078.9, "x1.12", "pm-openpi-auto"),
 ]
 
 
