@@ -36,6 +36,12 @@ cudnn_split's 1.57 / 3.57; pi0-FAST at B=32, T=1018 (a causal suffix of 250): 0.
 2.49 / 6.63 (einsum) and 2.03 / 6.08 (cuDNN's dense path); FA3 with no mask at all on the same
 shapes, the floor: 0.48 / 2.19 and 0.56 / 2.71. The causal call costs 0.14 / 0.52 ms even with
 nothing in it, hence `Problem.causal_runs`: pi0's and pi0.5's calls leave it out.
+
+The mask analysis and the refusal check run in every layer. Doing both once per call of openpi's layer
+stack (one conditional around the whole stack instead of one per layer) was built and measured on the
+H200: openpi's training steps were no faster (pi0 943.6 ms per layer, 944.7 per stack; pi0-FAST 1159.6 and
+1149.7, inside the spread of repeated runs; docs/benchmarks.md, "FlashAttention") and held 10 GiB more on
+jax 0.11, so it was left out.
 """
 
 from __future__ import annotations
