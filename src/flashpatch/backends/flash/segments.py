@@ -39,9 +39,8 @@ nothing in it, hence `Problem.causal_runs`: pi0's and pi0.5's calls leave it out
 
 The mask analysis and the refusal check run in every layer. Doing both once per call of openpi's layer
 stack (one conditional around the whole stack instead of one per layer) was built and measured on the
-H200: openpi's training steps were no faster (pi0 943.6 ms per layer, 944.7 per stack; pi0-FAST 1159.6 and
-1149.7, inside the spread of repeated runs; docs/benchmarks.md, "FlashAttention") and held 10 GiB more on
-jax 0.11, so it was left out.
+H200: openpi's pi0 and pi0-FAST training steps were no faster, and on jax 0.11 they held more memory
+(docs/benchmarks.md, "FlashAttention"), so it was left out.
 """
 
 from __future__ import annotations
