@@ -115,3 +115,49 @@ def test_a_backend_that_cannot_run_here_is_unsupported_even_past_the_budget() ->
     xla = harness.run_case("core", "fwd", Variant("xla"), 64, 2, lambda rec: ran.append("xla"))
     assert (cudnn.status, xla.status) == ("unsupported", "skipped") and not ran
     assert "cudnn runs on gpu, not cpu" in cudnn.reason and "time budget" in xla.reason
+
+
+def test_quick_drops_no_path_for_time() -> None:
+    """--quick promises every path: on a slow, busy machine it takes longer rather than skipping one."""
+    quick = cli.parse(["--quick"])
+    now = [0.0]
+    budget = timing.Budget(quick.budget_s, {"core": 1.0}, clock=lambda: now[0])
+    budget.begin("core")
+    now[0] = 10_000.0
+    assert budget.exceeded() is None, "--quick skipped a case for time"
+    given = cli.parse(["--quick", "--budget-s", "5"])  # a budget asked for is kept
+    assert given.budget_s == 5
+
+
+def _skipped(scenario: str, variant: str, reason: str, status: str = "skipped"):
+    from flashpatch.bench.records import Record
+
+    return Record(
+        scenario, "train" if scenario != "openpi" else "pi0_train", variant, 32, 2, status=status, reason=reason
+    )
+
+
+def test_the_summary_names_each_path_not_run_and_why() -> None:
+    from flashpatch.bench import report
+    from flashpatch.bench.records import Record
+
+    records = [
+        Record("core", "fwd", "einsum", 64, 2, ms=1.0),
+        Record("core", "fwd", "xla", 64, 2, ms=1.0, speedup=1.0),
+        Record("core", "fwd", "pallas", 64, 2, status="skipped", reason="time budget: core had until 20s"),
+        Record("core", "fwd", "cudnn", 64, 2, status="unsupported", reason="cudnn runs on gpu, not cpu"),
+    ]
+    text = report.summary(records, [], scenarios=("core",))
+    line = next(line for line in text.splitlines() if line.startswith("not run"))
+    assert "pallas" in line and "time budget" in line and "cudnn" in line and "runs on gpu" in line, line
+    assert "xla" not in line, line
+
+
+def test_the_advice_for_cases_skipped_for_time_fits_what_was_asked() -> None:
+    from flashpatch.bench import report
+
+    late = [_skipped("openpi", "auto", "time budget: openpi had until 100s of the run's 100s")]
+    one = report.summary(late, [], scenarios=("openpi",))
+    assert "fewer scenarios" not in one and "--budget-s" in one, one
+    several = report.summary(late, [], scenarios=("core", "openpi"))
+    assert "fewer scenarios" in several or "--scenarios openpi" in several, several

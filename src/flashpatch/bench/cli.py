@@ -47,13 +47,22 @@ def parser() -> argparse.ArgumentParser:
     )
     d = Options()
     p.add_argument(
-        "--quick", action="store_true", help="tiny sizes on the CPU (about 1.5 minutes): keeps every path alive in CI"
+        "--quick",
+        action="store_true",
+        help="tiny sizes on the CPU, to keep every path alive in CI: every path runs (no time budget unless "
+        "--budget-s is given)",
     )
     p.add_argument(
         "--out",
         type=Path,
         metavar="DIR",
-        help=f"output directory, created if missing (default {DEFAULT_OUT}: a new directory in the current one)",
+        help=f"output directory, created if missing; one that holds files is refused unless --overwrite "
+        f"(default {DEFAULT_OUT}: a new directory in the current one)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="let --out name a directory that holds an earlier run: its results and plots are removed first",
     )
     p.add_argument(
         "--scenarios",
@@ -141,7 +150,9 @@ def parser() -> argparse.ArgumentParser:
         "--input-sets", type=cli.positive_int, help=f"random input sets rotated through (default {d.input_sets})"
     )
     p.add_argument(
-        "--budget-s", type=cli.positive_seconds, help=f"time budget; later cases are skipped (default {d.budget_s:.0f})"
+        "--budget-s",
+        type=cli.positive_seconds,
+        help=f"time budget; later cases are skipped and listed (default {d.budget_s:.0f}; none with --quick)",
     )
     p.add_argument("--seed", type=cli.non_negative_int, help=f"random seed, 0 or more (default {d.seed})")
     p.add_argument(
@@ -167,6 +178,7 @@ def parse(argv: Sequence[str]) -> Options:
 def _options(args: dict[str, Any]) -> Options:
     args = dict(args)
     args.pop("render", None)
+    args.pop("overwrite", None)
     quick = args.pop("quick")
     given = {name: value for name, value in args.items() if value is not None}
     options = dataclasses.replace(Options(), **{**(QUICK if quick else {}), **given})
@@ -180,18 +192,50 @@ def _options(args: dict[str, Any]) -> Options:
 
 
 def default_out() -> Path:
-    """A new directory in the current one, named by the UTC date and time (see DEFAULT_OUT)."""
+    """A new directory in the current one, named by the UTC date and time (see DEFAULT_OUT); -2, -3, ... added
+    where that name is taken (two runs in one second)."""
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    return Path(f"flashpatch-bench-{date}")
+    out, number = Path(f"flashpatch-bench-{date}"), 1
+    while out.exists():
+        number += 1
+        out = Path(f"flashpatch-bench-{date}-{number}")
+    return out
 
 
-def prepare_out(out: Path | None) -> Path:
+def run_outputs(directory: Path) -> list[Path]:
+    """The files a run writes into its directory (results.json, results.md, one PNG per scenario)."""
+    names = {"results.json", "results.md", *(f"{scenario}.png" for scenario in SCENARIOS)}
+    return sorted(path for path in directory.iterdir() if path.name in names and path.is_file())
+
+
+def _listed(names: Sequence[str], most: int = 5) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def prepare_out(out: Path | None, overwrite: bool = False, stream: TextIO = sys.stdout) -> Path:
     """The output directory, created now: a path that cannot take the results is a usage error before
-    anything is measured, not a traceback after it."""
+    anything is measured, not a traceback after it. Two runs never share one: a directory that holds files is
+    refused, unless `overwrite`, which removes the earlier run's results and plots first (and names what it
+    leaves: files the benchmark does not write)."""
     named = f"--out {out}" if out is not None else "the default output directory"
     out = default_out() if out is None else out
     if out.exists() and not out.is_dir():
         cli.fail(PROG, f"{named} is a file, not a directory: give --out a directory (it is created if missing)")
+    held = sorted(path.name for path in out.iterdir()) if out.is_dir() else []
+    if held and not overwrite:
+        cli.fail(
+            PROG,
+            f"{named} already holds files ({_listed(held)}): give a new or empty directory, or add --overwrite "
+            "to remove the earlier run's results and plots first",
+        )
+    if held:
+        removed = run_outputs(out)
+        for path in removed:
+            path.unlink()
+        kept = [name for name in held if name not in {path.name for path in removed}]
+        said = f"--overwrite: removed {_listed([path.name for path in removed]) or 'nothing'} from {out}"
+        print(said + (f"; left in place (not written by the benchmark): {_listed(kept)}" if kept else ""), file=stream)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -216,7 +260,7 @@ def main(argv: Sequence[str] | None = None, stream: TextIO = sys.stdout) -> int:
             )
         return render(args["render"], stream)
     options = _options(args)
-    out = prepare_out(options.out)
+    out = prepare_out(options.out, args["overwrite"], stream)
 
     import jax  # after parsing, so --help answers without starting JAX
 
@@ -237,37 +281,81 @@ def main(argv: Sequence[str] | None = None, stream: TextIO = sys.stdout) -> int:
     weights = {g: BUDGET_WEIGHTS[g] for s in options.scenarios for g in _GROUPS[s]}
     harness = Harness(options, Budget(options.budget_s, weights), stream)
     meta = run_metadata("python -m flashpatch.bench " + shlex.join(argv), _jsonable(options))
+    budget = "no time budget" if options.budget_s == float("inf") else f"budget {options.budget_s:.0f}s"
     print(
         f"flashpatch bench on {meta['device']['kind']} ({meta['device']['platform']}); variants: "
-        f"{', '.join(v.name for v in harness.variants)}; budget {options.budget_s:.0f}s",
+        f"{', '.join(v.name for v in harness.variants)}; {budget}",
         file=stream,
         flush=True,
     )
 
     def save_partial() -> None:  # a run cut short (a time limit, a crash) still leaves what it measured
-        meta["notes"] = harness.notes
+        meta["notes"], meta["models"] = harness.notes, harness.models
         document = {"meta": meta, "records": [r.as_dict() for r in harness.records], "partial": True}
         (out / "results.json").write_text(json.dumps(document, indent=1) + "\n")
 
     harness.on_record = save_partial
     for scenario in options.scenarios:
         runners[scenario](harness)
-    meta["notes"] = harness.notes
+    meta["notes"], meta["models"] = harness.notes, harness.models
     write_outputs(out, meta, harness.records, stream)
     return 1 if any(r.status == "error" for r in harness.records) else 0
 
 
 def render(directory: Path, stream: TextIO) -> int:
-    """Rewrite the markdown and plots of an earlier run from its results.json."""
-    from flashpatch.bench.records import Record
+    """Rewrite the markdown and plots of an earlier run from its results.json (a file it cannot read: one line)."""
+    from flashpatch.bench import spread
 
-    document = json.loads((directory / "results.json").read_text())
-    records = [Record(**r) for r in document["records"]]
+    path = directory / "results.json"
+    meta, records = read_results(path)
     from flashpatch.bench.scenarios.openpi import add_ceiling_shares
 
-    add_ceiling_shares(records)  # derived numbers, computed afresh (a cut-short run never reached them)
-    write_outputs(directory, document["meta"], records, stream)
+    try:
+        add_ceiling_shares(records)  # derived numbers, computed afresh (a cut-short run never reached them)
+        spread.add_ranges(records)  # (results written before the spread was stored have it in their timings)
+        write_outputs(directory, meta, records, stream)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+        cli.fail(PROG, f"--render: {path} holds a value the report cannot use ({_first_line(err)})")
     return 0
+
+
+#: What the report reads from a results.json's meta.
+_META_KEYS = ("date", "command", "device", "versions", "options", "conventions")
+
+
+def read_results(path: Path) -> tuple[dict[str, Any], list[Any]]:
+    """meta and records of a results.json, or a one-line usage error that names the file and what is wrong."""
+    from flashpatch.bench.records import Record
+
+    what = "a results.json the benchmark writes (a JSON object with meta and records)"
+    try:
+        document = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        cli.fail(PROG, f"--render: {path} is not valid JSON ({err.msg}, line {err.lineno} column {err.colno})")
+    except (OSError, UnicodeDecodeError) as err:
+        cli.fail(PROG, f"--render: {path} cannot be read ({_first_line(err)})")
+    if not isinstance(document, dict):
+        cli.fail(PROG, f"--render: {path} is not {what}")
+    if not isinstance(document.get("records"), list):
+        cli.fail(PROG, f"--render: {path} has no records list: it is not {what}")
+    records = []
+    for i, row in enumerate(document["records"]):
+        try:
+            records.append(Record(**row))
+        except TypeError as err:
+            cli.fail(PROG, f"--render: {path}: record {i} is not a benchmark record ({_first_line(err)})")
+    meta = document.get("meta")
+    missing = [key for key in _META_KEYS if not isinstance(meta, dict) or key not in meta]
+    if not missing and not (isinstance(meta["device"], dict) and {"kind", "platform"} <= set(meta["device"])):
+        missing = ["device.kind", "device.platform"]
+    if missing:
+        cli.fail(PROG, f"--render: {path} has no usable meta (missing {', '.join(missing)}): it is not {what}")
+    return meta, records
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:200]
 
 
 def write_outputs(out: Path, meta: dict[str, Any], records: Sequence[Any], stream: TextIO) -> None:
@@ -284,6 +372,6 @@ def write_outputs(out: Path, meta: dict[str, Any], records: Sequence[Any], strea
         images = []
         print(f"no plots: {err} (install matplotlib, or rerun with --render {out} where it is)", file=stream)
     (out / "results.md").write_text(report.markdown(meta, records, fit_rows, images))
-    print(report.summary(records, fit_rows), file=stream)
+    print(report.summary(records, fit_rows, (meta.get("options") or {}).get("scenarios", ())), file=stream)
     written = ", ".join(["results.json", "results.md", *images])
     print(f"wrote {written} to {out}", file=stream, flush=True)

@@ -17,7 +17,7 @@ import numpy as np
 
 import flashpatch
 from flashpatch import backends, diagnostics, selection
-from flashpatch.bench import memory, timing
+from flashpatch.bench import memory, spread, timing
 from flashpatch.bench.options import Options, variant_names
 from flashpatch.bench.records import Record
 from flashpatch.testing.conformance import rel_err  # the conformance suite's measure, NaN stays NaN
@@ -97,6 +97,7 @@ class Harness:
         self.device = jax.devices()[0]
         self.records: list[Record] = []
         self.notes: list[str] = []  # about the whole run (where the models came from, say)
+        self.models: dict[str, str] = {}  # per model scenario, which models ran ("openpi" or "fixtures")
         self.on_record: Callable[[], None] | None = None  # called after each case (the CLI saves partial JSON)
         self._einsum: dict[tuple[str, str, int], Record] = {}
         self._einsum_outputs: dict[tuple[str, str, int], np.ndarray] = {}
@@ -171,6 +172,8 @@ class Harness:
             base = self._einsum.get(key)
             if rec.status == "ok" and base is not None and base.status == "ok" and base.ms and rec.ms:
                 rec.speedup = base.ms / rec.ms
+                bounds = spread.ratio_range(base, rec)
+                rec.speedup_range = list(bounds) if bounds is not None else None
         self.records.append(rec)
         print(self.progress_line(rec), file=self.stream, flush=True)
         if self.on_record is not None:
@@ -219,7 +222,8 @@ class Harness:
         group_small_calls: bool = True,
         primary: bool = True,
     ) -> timing.Timing:
-        """Time `call` (see timing.measure), stored under `name`; the primary one's memory samples are kept."""
+        """Time `call` (see timing.measure), stored under `name`; the primary one's memory samples are kept and its
+        p10-p90 is the record's spread (the caller sets `rec.ms` from it)."""
         o = self.options
         with memory.Sampler(self.device) as sampler:
             result = timing.measure(
@@ -231,6 +235,7 @@ class Harness:
             )
         rec.timings[name] = result.as_dict()
         if primary:
+            rec.primary = name
             rec.memory.update(sampler.summary())
         return result
 
@@ -262,8 +267,11 @@ class Harness:
         if rec.status != "ok":
             return f"{head} {rec.status.upper()}: {rec.reason}"
         parts = [f"{rec.ms:.3f} ms" if rec.ms is not None else "-"]
+        bounds = spread.ms_range(rec)
+        if bounds is not None:
+            parts[0] += f" (p10-p90 {bounds[0]:.3f}-{bounds[1]:.3f}, {spread.repeats(rec)} repeats)"
         if rec.speedup is not None:
-            parts.append(f"{rec.speedup:.2f}x einsum")
+            parts.append(f"{spread.ratio_text(rec.speedup, rec.speedup_range)} einsum")
         parts += [f"{name} {format_metric(name, value)}" for name, value in rec.metrics.items() if name != "compile_s"]
         if "peak" in rec.memory:
             parts.append(f"peak {memory.format_bytes(rec.memory['peak'])}")

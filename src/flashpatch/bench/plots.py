@@ -4,7 +4,11 @@ Made to be read without the JSON beside them: the title names the device, the ve
 shapes; one legend sits above the panels, outside the data; value labels are spread so that none
 covers another; each axis says its unit; memory is in MiB or GiB, whichever reads better, on a linear
 axis unless it spans more than 20x; a variant that could not run is named under the panel with the
-reason; sizes where nothing ran get no tick.
+reason; sizes where nothing ran or was tried get no tick. Every speedup is drawn with its spread (an error bar
+from both sides' p10-p90, flashpatch.bench.spread); one whose spread reaches across 1.0 is hollow (a hatched bar)
+and named under the panel as within noise. A case that did not run is drawn as such where it would have been
+("xla: skip", an "OOM" bar), and named under the panel with the reason. Titles name the models that ran: openpi's
+own, or flashpatch's stand-ins.
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from flashpatch.bench import spread
 from flashpatch.bench.harness import EINSUM, size_label
 from flashpatch.bench.memory import GIB
-from flashpatch.bench.records import Record
+from flashpatch.bench.records import Record, models_label
 
 MIB = 2**20
 LOG_SPAN = 20.0  # a memory axis goes logarithmic only past this max / min ratio
@@ -50,7 +55,7 @@ def write(records: Sequence[Record], out_dir: Path, meta: dict[str, Any] | None 
         fig, axes = plt.subplots(len(cases), 2, figsize=(13, 5.2 * len(cases)), squeeze=False)
         for (ax_speed, ax_mem), case in zip(axes, cases, strict=True):
             rows = [r for r in recs if r.case == case]
-            sizes = sorted({r.size for r in rows if r.status == "ok"})
+            sizes = sorted({r.size for r in rows if r.status == "ok"} | {r.size for r in _gaps(rows)})
             _speedup_panel(ax_speed, rows, colors, case)
             _memory_panel(ax_mem, rows, colors, case, limit)
             for ax in (ax_speed, ax_mem):
@@ -79,8 +84,43 @@ def _openpi_bars(plt: Any, recs: Sequence[Record], out_dir: Path, meta: dict[str
         xs = [j + (i - (len(variants) - 1) / 2) * width for j in range(len(cases))]
         speed = [_bar_speedup(mine.get(c)) for c in cases]
         peak = [mine[c].memory.get("peak", 0) / GIB if c in mine and mine[c].status == "ok" else 0 for c in cases]
+        noisy = [c in mine and spread.within_noise(mine[c].speedup_range) for c in cases]
         bars = ax_speed.bar(xs, speed, width, color=colors[variant], label=variant)
+        for bar, within in zip(bars, noisy, strict=True):
+            if within:  # within noise: hatched, its colour only at the edge
+                bar.set_facecolor("white")
+                bar.set_edgecolor(colors[variant])
+                bar.set_hatch("///")
+        ranged = [(x, mine[c]) for x, c in zip(xs, cases, strict=True) if c in mine and mine[c].speedup_range]
+        if ranged:
+            ax_speed.errorbar(
+                [x for x, _ in ranged],
+                [r.speedup for _, r in ranged],
+                yerr=[
+                    [r.speedup - r.speedup_range[0] for _, r in ranged],
+                    [r.speedup_range[1] - r.speedup for _, r in ranged],
+                ],
+                fmt="none",
+                ecolor="black",
+                elinewidth=0.8,
+                capsize=2,
+            )
+            tops += [r.speedup_range[1] for _, r in ranged]
         tops += speed
+        for x, c in zip(xs, cases, strict=True):
+            rec = mine.get(c)
+            if rec is not None and rec.status != "ok":  # drawn where its bar would stand
+                ax_speed.annotate(
+                    _STATUS_MARK.get(rec.status, rec.status),
+                    (x, 0),
+                    textcoords="offset points",
+                    xytext=(0, 3),
+                    ha="center",
+                    va="bottom",
+                    rotation=90,
+                    fontsize=LABEL_PT,
+                    color=colors[variant],
+                )
         for bar, value in zip(bars, speed, strict=True):
             if value:
                 at = (bar.get_x() + bar.get_width() / 2, value)
@@ -101,8 +141,9 @@ def _openpi_bars(plt: Any, recs: Sequence[Record], out_dir: Path, meta: dict[str
         ax.grid(True, axis="y", alpha=0.3)
     ax_speed.set_ylim(0, max(tops) * (1.12 if rotation == 0 else 1.25))
     ax_speed.axhline(1.0, color="gray", linewidth=1, linestyle="--", zorder=0.5)
-    ax_speed.set_ylabel("speedup over the einsum (x); 0 = did not run")
-    ax_speed.set_title("time (higher is better; 'ceiling' = attention for free)", fontsize=10)
+    ax_speed.set_ylabel("speedup over the einsum (x), p10-p90 bars")
+    ax_speed.set_title("time (higher is better; 'ceiling' = attention for free; hatched = within noise)", fontsize=10)
+    _within_noise_note(ax_speed, recs)
     ax_mem.set_ylabel("GiB (linear)")
     ax_mem.set_title("peak memory XLA planned (lower is better)", fontsize=10)
     _not_run(ax_speed, recs)
@@ -110,6 +151,10 @@ def _openpi_bars(plt: Any, recs: Sequence[Record], out_dir: Path, meta: dict[str
     fig.savefig(out_dir / "openpi.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return "openpi.png"
+
+
+#: How a case that did not run is written where its bar or point would be.
+_STATUS_MARK = {"oom": "OOM", "skipped": "skip", "unsupported": "unsup.", "error": "ERROR"}
 
 
 def _bar_speedup(rec: Record | None) -> float:
@@ -125,9 +170,11 @@ def _title(scenario: str, meta: dict[str, Any]) -> str:
     shapes = {
         "core": f"attention core, {o.get('num_heads')} q / {o.get('num_kv_heads')} kv heads, head_dim "
         f"{o.get('head_dim')}, batch {o.get('core_batch')}, bf16",
-        "gemma": f"pi0 Gemma ({o.get('prefix_expert')} + {o.get('action_expert')}, depth {o.get('depth')}), bf16",
-        "gemma_fast": f"pi0-FAST Gemma ({o.get('prefix_expert')}, depth {o.get('depth')}), bf16",
-        "openpi": "openpi's models, bf16 compute",
+        "gemma": f"flashpatch's stand-in pi0 Gemma ({o.get('prefix_expert')} + {o.get('action_expert')}, depth "
+        f"{o.get('depth')}; not openpi's code), bf16",
+        "gemma_fast": f"flashpatch's stand-in pi0-FAST Gemma ({o.get('prefix_expert')}, depth {o.get('depth')}; "
+        "not openpi's code), bf16",
+        "openpi": f"{models_label(meta)}, bf16 compute",
     }.get(scenario, scenario)
     where = f"{device.get('kind', '?')} ({device.get('platform', '?')})"
     return f"flashpatch vs openpi's einsum: {shapes}\n{' · '.join([where, *_versions(meta.get('versions', {}))])}"
@@ -184,16 +231,96 @@ def _by_variant(rows: Sequence[Record]) -> dict[str, list[Record]]:
 
 def _speedup_panel(ax: Any, rows: Sequence[Record], colors: dict[str, str], case: str) -> None:
     ax.axhline(1.0, color=colors.get(EINSUM, "gray"), linewidth=1.2, linestyle="--", label=f"{EINSUM} (= 1)")
-    drawn = [(v, [(r.size, r.speedup) for r in mine if r.speedup is not None]) for v, mine in _by_variant(rows).items()]
+    drawn = [(v, [r for r in mine if r.speedup is not None]) for v, mine in _by_variant(rows).items()]
     drawn = [(v, points) for v, points in drawn if v != EINSUM and points]
+    tops = [1.0]
     for variant, points in drawn:
-        ax.plot(*zip(*points, strict=True), "-o", color=colors[variant], label=variant)
-    tops = [y for _, points in drawn for _, y in points]
-    ax.set_ylim(0, max([1.0, *tops]) * 1.25)
-    _value_labels(ax, [(x, y, f"{y:.2f}x", colors[variant]) for variant, points in drawn for x, y in points])
+        color = colors[variant]
+        clear = [i for i, r in enumerate(points) if not spread.within_noise(r.speedup_range)]
+        xs, ys = [r.size for r in points], [r.speedup for r in points]
+        ax.plot(xs, ys, "-o", markevery=clear, color=color, label=variant)
+        noisy = [r for r in points if spread.within_noise(r.speedup_range)]
+        ax.plot([r.size for r in noisy], [r.speedup for r in noisy], "o", color=color, markerfacecolor="white")
+        ranged = [r for r in points if r.speedup_range]
+        if ranged:
+            ax.errorbar(
+                [r.size for r in ranged],
+                [r.speedup for r in ranged],
+                yerr=[
+                    [r.speedup - r.speedup_range[0] for r in ranged],
+                    [r.speedup_range[1] - r.speedup for r in ranged],
+                ],
+                fmt="none",
+                ecolor=color,
+                elinewidth=1,
+                capsize=3,
+            )
+        tops += [r.speedup for r in points]
+    highest = max(tops)
+    # Error bars count towards the panel's height, up to twice the largest speedup (a wild one is cut off there).
+    tops += [min(r.speedup_range[1], 2 * highest) for _, points in drawn for r in points if r.speedup_range]
+    ax.set_ylim(0, max(tops) * 1.25)
+    labels = [(r.size, r.speedup, f"{r.speedup:.2f}x", colors[v]) for v, points in drawn for r in points]
+    _value_labels(ax, labels)
     _mark(ax, [r.size for r in rows if r.variant == EINSUM and r.status == "oom"], f"{EINSUM}\nOOM", "gray")
-    ax.set_title(f"{case}: speedup over {EINSUM} (higher is better)", fontsize=10, pad=8)
-    ax.set_ylabel("speedup (x)")
+    _gap_marks(ax, rows, colors)
+    ax.set_title(f"{case}: speedup over {EINSUM} (higher is better; hollow: within noise)", fontsize=10, pad=8)
+    ax.set_ylabel("speedup (x), bars: p10-p90")
+    _within_noise_note(ax, rows)
+
+
+def _where(rec: Record) -> str:
+    """Where a record sits in its plot: its size on a line panel, its case among openpi's bars."""
+    if rec.scenario == "openpi":
+        return rec.case.replace("_", " ")
+    return f"{size_label(rec.scenario)}={rec.size}"
+
+
+def _within_noise_note(ax: Any, rows: Sequence[Record]) -> None:
+    """Name, under the panel, each speedup whose spread reaches across 1.0."""
+    noisy = [r for r in rows if r.speedup is not None and spread.within_noise(r.speedup_range)]
+    if not noisy:
+        return
+    import textwrap
+
+    text = "within noise (p10-p90 spread across 1.0): " + "; ".join(f"{r.variant} at {_where(r)}" for r in noisy)
+    text = textwrap.fill(text, 80, max_lines=3, placeholder=" ...")
+    ax.annotate(text, (0, -0.17), xycoords="axes fraction", fontsize=7, va="top", color="dimgray", gid=_NOISE_GID)
+
+
+_NOISE_GID = "within-noise"
+
+
+def _gaps(rows: Sequence[Record]) -> list[Record]:
+    """Cases drawn as not run at their size: every one that did not run, but those of a variant that runs nowhere
+    on this platform (named under the panel instead) and the einsum's out-of-memory (marked by `_mark`)."""
+    ran = {r.variant for r in rows if r.status == "ok"}
+    return [
+        r
+        for r in rows
+        if r.status != "ok"
+        and not (r.variant == EINSUM and r.status == "oom")
+        and (r.variant in ran or r.status in ("skipped", "oom", "error"))
+    ]
+
+
+def _gap_marks(ax: Any, rows: Sequence[Record], colors: dict[str, str]) -> None:
+    """Write "variant: skip" (or OOM, unsup., ERROR) at the foot of the panel at each size where a case did not run."""
+    by_size: dict[int, list[Record]] = {}
+    for rec in _gaps(rows):
+        by_size.setdefault(rec.size, []).append(rec)
+    for size, recs in by_size.items():
+        for i, rec in enumerate(recs):
+            ax.annotate(
+                f"{rec.variant}: {_STATUS_MARK.get(rec.status, rec.status)}",
+                (size, 0.03 + 0.05 * i),
+                xycoords=("data", "axes fraction"),
+                ha="center",
+                va="bottom",
+                fontsize=LABEL_PT,
+                color=colors.get(rec.variant, "gray"),
+                bbox=LABEL_BOX,
+            )
 
 
 def _memory_panel(ax: Any, rows: Sequence[Record], colors: dict[str, str], case: str, limit: int | None) -> None:
@@ -228,19 +355,34 @@ def _memory_panel(ax: Any, rows: Sequence[Record], colors: dict[str, str], case:
 
 
 def _not_run(ax: Any, rows: Sequence[Record]) -> None:
-    """Name, under the panel, each variant with no point and why (a missing line must not look like a loss)."""
-    missing = {}
+    """Name, under the panel, each case with no point and why (a missing point must not look like a loss): a
+    variant with no point at all by itself, "kvax (kvax runs on gpu, not cpu)"; else where, "xla at T=128 (...)"."""
+    said: dict[tuple[str, str], list[str]] = {}  # (where, why) -> variants, so that a shared reason is said once
     for variant, mine in _by_variant(rows).items():
-        if variant != EINSUM and not any(r.speedup is not None for r in mine):
-            reasons = {(r.reason or r.status).split(";")[0][:90] for r in mine if r.status != "ok"}
-            reasons = reasons or {"no einsum baseline"}
-            missing[variant] = sorted(reasons)[0]
-    if missing:
+        gaps = []
+        for r in mine:
+            if variant == EINSUM:
+                if r.status != "ok" and r.status != "oom":  # the einsum's OOM is marked on the panel
+                    gaps.append((r, (r.reason or r.status).split(";")[0][:90]))
+            elif r.speedup is None:
+                gaps.append((r, (r.reason or r.status).split(";")[0][:90] if r.status != "ok" else "no einsum time"))
+        if not gaps:
+            continue
+        reasons = list(dict.fromkeys(why for _, why in gaps))
+        if variant != EINSUM and len(gaps) == len(mine) and len(reasons) == 1:
+            said.setdefault(("", reasons[0]), []).append(variant)
+            continue
+        for why in reasons:
+            places = ", ".join(_where(r) for r, reason in gaps if reason == why)
+            said.setdefault((f" at {places}", why), []).append(variant)
+    items = [f"{', '.join(variants)}{where} ({why})" for (where, why), variants in said.items()]
+    if items:
         import textwrap
 
-        text = "not drawn: " + "; ".join(f"{v} ({why})" for v, why in missing.items())
-        text = textwrap.fill(text, 80, max_lines=4, placeholder=" ...")
-        ax.annotate(text, (0, -0.17), xycoords="axes fraction", fontsize=7, va="top", color="dimgray")
+        below = [t for t in ax.texts if t.get_gid() == _NOISE_GID]
+        top = -0.17 - 0.045 * (below[0].get_text().count("\n") + 1) if below else -0.17
+        text = textwrap.fill("not drawn: " + "; ".join(items), 80, max_lines=4, placeholder=" ...")
+        ax.annotate(text, (0, top), xycoords="axes fraction", fontsize=7, va="top", color="dimgray")
 
 
 def _value_labels(ax: Any, labels: Sequence[tuple[float, float, str, str]]) -> None:

@@ -22,6 +22,9 @@ CONVENTIONS = {
     "flops": "useful FLOPs only: forward 4*N*H per unmasked (query, key) pair (N query heads, head dim H); "
     "backward counted as 2.5x forward, so forward+backward is 3.5x",
     "speedup": "einsum's median time / this variant's median time, same size, same inputs, same process",
+    "speedup_range": "the speedup's spread: einsum's p10 / this variant's p90 to einsum's p90 / this variant's p10 "
+    "(p10-p90 over repeats; with fewer than 6 repeats, the fastest and the slowest); 'within noise' where it "
+    "reaches across 1.0",
     "rel_err": "||out - ref|| / ||ref|| against float32 attention at highest matmul precision (core only); "
     "for forward+backward the largest over dq, dk, dv",
     "rel_diff_vs_einsum": "models: ||out - einsum's out|| / ||einsum's out|| on the same inputs and parameters "
@@ -56,6 +59,10 @@ class Record:
     reason: str | None = None
     ms: float | None = None  # the median time this case is compared on
     speedup: float | None = None
+    #: (low, high) of the speedup from the p10-p90 of both sides' repeats (flashpatch.bench.spread)
+    speedup_range: list[float] | None = None
+    #: which of `timings` `ms` comes from (its p10-p90 is the time's spread)
+    primary: str | None = None
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     memory: dict[str, int] = dataclasses.field(default_factory=dict)
     timings: dict[str, dict[str, float | int]] = dataclasses.field(default_factory=dict)
@@ -158,3 +165,24 @@ def run_metadata(command: str, options: dict[str, Any]) -> dict[str, Any]:
         "options": options,
         "conventions": CONVENTIONS,
     }
+
+
+def openpi_models(meta: dict[str, Any]) -> str | None:
+    """Which models the openpi scenario ran: "openpi" (openpi's own), "fixtures" (flashpatch's stand-ins), or
+    None (no openpi scenario, or not recorded). From meta["models"], or in older results from the run's notes."""
+    found = (meta.get("models") or {}).get("openpi")
+    if found:
+        return found
+    for note in meta.get("notes") or []:
+        if note.startswith("openpi mode: "):
+            return "openpi" if note.startswith("openpi mode: openpi from") else "fixtures"
+    return None
+
+
+def models_label(meta: dict[str, Any]) -> str:
+    """The models of the openpi scenario, in words, for titles and headings."""
+    size = (meta.get("options") or {}).get("openpi_size", "full")
+    return {
+        "openpi": "openpi's own models" + ("" if size == "full" else f" ({size} size)"),
+        "fixtures": "flashpatch's stand-in models for openpi's (fixtures; openpi was not importable)",
+    }.get(openpi_models(meta) or "", "openpi mode (which models ran was not recorded)")

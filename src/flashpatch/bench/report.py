@@ -9,10 +9,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from flashpatch.bench import spread
 from flashpatch.bench.harness import EINSUM, format_metric, size_label
 from flashpatch.bench.memory import format_bytes
-from flashpatch.bench.records import Record
+from flashpatch.bench.records import Record, models_label
 
+#: The gemma and gemma_fast scenarios run flashpatch's openpi-compatible Gemma (flashpatch.testing), never openpi's.
+STAND_IN = "flashpatch's stand-in"
 _STATUS_CELL = {"oom": "OOM", "skipped": "skip", "unsupported": "unsup.", "error": "ERROR"}
 _METRIC_TITLES = {
     "tflops": "TFLOP/s",
@@ -44,7 +47,8 @@ _OPENPI_TITLES = {
 }
 
 
-def case_title(scenario: str, case: str, options: dict[str, Any]) -> str:
+def case_title(scenario: str, case: str, options: dict[str, Any], models: str = "openpi") -> str:
+    """The heading of a case's table; `models` names the openpi scenario's models (records.models_label)."""
     o = options
     stack = f"{o['prefix_expert']} + {o['action_expert']}, depth {o['depth']}"
     core = f"{o['num_heads']} q heads, {o['num_kv_heads']} kv head, head_dim {o['head_dim']}, bf16"
@@ -52,16 +56,17 @@ def case_title(scenario: str, case: str, options: dict[str, Any]) -> str:
     titles = {
         ("core", "fwd"): f"Attention core, forward ({core})",
         ("core", "fwd_bwd"): f"Attention core, forward + backward ({core})",
-        ("gemma", "train"): f"pi0 Gemma ({stack}): training step (loss + grads + AdamW), batch {o['train_batch']}",
-        ("gemma", "infer"): f"pi0 Gemma ({stack}): inference, prefill + {o['denoise_steps']} denoising steps "
-        f"of {o['action_horizon'] + 1} suffix tokens, batch {o['infer_batch']}",
-        ("gemma_fast", "prefill"): f"pi0-FAST Gemma ({o['prefix_expert']}, depth {o['depth']}): prefill, "
+        ("gemma", "train"): f"{STAND_IN} pi0 Gemma ({stack}): training step (loss + grads + AdamW), "
+        f"batch {o['train_batch']}",
+        ("gemma", "infer"): f"{STAND_IN} pi0 Gemma ({stack}): inference, prefill + {o['denoise_steps']} denoising "
+        f"steps of {o['action_horizon'] + 1} suffix tokens, batch {o['infer_batch']}",
+        ("gemma_fast", "prefill"): f"{STAND_IN} pi0-FAST Gemma ({o['prefix_expert']}, depth {o['depth']}): prefill, "
         f"batch {o['decode_batch']}",
-        ("gemma_fast", "decode"): f"pi0-FAST Gemma ({o['prefix_expert']}, depth {o['depth']}): decode "
+        ("gemma_fast", "decode"): f"{STAND_IN} pi0-FAST Gemma ({o['prefix_expert']}, depth {o['depth']}): decode "
         f"{o['decode_steps']} tokens with the KV cache, batch {o['decode_batch']} (ms = per token)",
     }
     if scenario == "openpi":
-        return f"openpi: {_OPENPI_TITLES.get(case, case)}"
+        return f"{models}: {_OPENPI_TITLES.get(case, case)}"
     return titles.get((scenario, case), f"{scenario} / {case}")
 
 
@@ -123,29 +128,59 @@ def _cell(rec: Record | None) -> str:
     if rec.status != "ok":
         return _STATUS_CELL.get(rec.status, rec.status)
     text = f"{rec.ms:.3f}" if rec.ms is not None else "-"
-    return text + (f" ({rec.speedup:.2f}x)" if rec.speedup is not None else "")
+    return text + (f", {spread.ratio_text(rec.speedup, rec.speedup_range)}" if rec.speedup is not None else "")
 
 
-def summary(records: Sequence[Record], fit_rows: Sequence[dict[str, Any]]) -> str:
-    """A compact table for the end of the console output: median ms (speedup over einsum) per size."""
-    lines = ["", "== summary: median ms (speedup over einsum) =="]
+def summary(records: Sequence[Record], fit_rows: Sequence[dict[str, Any]], scenarios: Sequence[str] = ()) -> str:
+    """A compact table for the end of the console output: median ms, speedup over einsum and its spread, per size;
+    then what did not run and why. `scenarios`: those the command asked for (for the advice on skipped cases)."""
+    lines = [
+        "",
+        "== summary: median ms, speedup over einsum (its p10-p90 spread; 'within noise' where it spans 1.0) ==",
+    ]
     for (scenario, case), recs in groups(records).items():
         sizes = sorted({r.size for r in recs})
         by_key = {(r.variant, r.size): r for r in recs}
+        width = 2 + max(len(_cell(r)) for r in recs)
         label = f"{scenario}/{case}"
-        lines.append(f"{label:<20}" + "".join(f"{size_label(scenario) + '=' + str(s):>18}" for s in sizes))
+        lines.append(f"{label:<20}" + "".join(f"{size_label(scenario) + '=' + str(s):>{width}}" for s in sizes))
         for variant in dict.fromkeys(r.variant for r in recs):
-            lines.append(f"  {variant:<18}" + "".join(f"{_cell(by_key.get((variant, s))):>18}" for s in sizes))
+            lines.append(f"  {variant:<18}" + "".join(f"{_cell(by_key.get((variant, s))):>{width}}" for s in sizes))
     if fit_rows:
         lines.append("largest training size that fits: " + "; ".join(f"{f['variant']} {fit_text(f)}" for f in fit_rows))
+    dropped = not_run(records)
+    if dropped:
+        lines.append("not run: " + "; ".join(dropped))
     late = [r for r in records if r.status == "skipped" and (r.reason or "").startswith("time budget")]
     if late:
-        names = ",".join(dict.fromkeys(r.scenario for r in late))
-        lines.append(
-            f"{len(late)} cases skipped for time (in {names}); to cover them, run fewer scenarios per command, "
-            f"e.g. --scenarios {names.split(',')[0]} --budget-s 420"
-        )
+        names = list(dict.fromkeys(r.scenario for r in late))
+        asked = list(scenarios) or names
+        if len(asked) > 1:
+            advice = f"run fewer scenarios per command, e.g. --scenarios {names[0]} --budget-s 420"
+        else:
+            advice = "give the run more time (--budget-s) or ask for fewer cases or backends"
+        lines.append(f"{len(late)} cases skipped for time (in {','.join(names)}); to cover them, {advice}")
     return "\n".join(lines)
+
+
+def not_run(records: Sequence[Record]) -> list[str]:
+    """Each variant's cases that did not run (skipped, unsupported, error; out of memory is a result), with why:
+    "cudnn: every case (unsupported: cudnn cannot run here ...)", "pallas: core/fwd T=64 (skipped: time budget ...)"."""
+    said: dict[tuple[str, str, str], list[str]] = {}  # (where, status, reason) -> variants: a reason said once
+    for variant in dict.fromkeys(r.variant for r in records):
+        mine = [r for r in records if r.variant == variant]
+        missing = [r for r in mine if r.status in ("skipped", "unsupported", "error")]
+        by_reason: dict[tuple[str, str], list[Record]] = {}
+        for rec in missing:
+            by_reason.setdefault((rec.status, rec.reason or ""), []).append(rec)
+        for (status, reason), recs in by_reason.items():
+            if len(recs) == len(mine):
+                where = "every case"
+            else:
+                where = ", ".join(f"{r.scenario}/{r.case} {size_label(r.scenario)}={r.size}" for r in recs)
+            said.setdefault((where, status, reason), []).append(variant)
+    out = [f"{', '.join(variants)}: {where} ({status}: {reason})" for (where, status, reason), variants in said.items()]
+    return out
 
 
 def openpi_table(records: Sequence[Record]) -> list[str]:
@@ -178,34 +213,43 @@ def markdown(
     meta: dict[str, Any], records: Sequence[Record], fit_rows: Sequence[dict[str, Any]], images: Sequence[str]
 ) -> str:
     device = meta["device"]
+    models = models_label(meta)
     lines = [
         f"# flashpatch benchmark: {device['kind']} ({device['platform']})",
         "",
         f"- date: {meta['date']}",
         f"- command: `{meta['command']}`",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
-        f"- flashpatch commit: {meta['git_commit'] or 'not recorded (installed from a folder outside git)'}",
+        f"- flashpatch commit: {meta.get('git_commit') or 'not recorded (installed from a folder outside git)'}",
     ]
     if device.get("memory_limit_bytes"):
         lines.append(f"- device memory available to JAX: {format_bytes(device['memory_limit_bytes'])}")
     lines += [f"- note: {note}" for note in meta.get("notes", [])]
+    lines.append(
+        "- spread: each time is the median of its repeats, given with their p10-p90 (with fewer than 6 repeats, "
+        "the fastest and the slowest); a speedup's range is the einsum's p10 over the variant's p90 to the einsum's "
+        f"p90 over the variant's p10, marked {spread.WITHIN_NOISE} where it reaches across 1.0"
+    )
     headline = openpi_table(records)
     if headline:
-        lines += ["", "## openpi's models: median ms (x einsum)", "", *headline]
+        lines += ["", f"## {models}: median ms, x einsum (p10-p90 of repeats, both sides)", "", *headline]
     lines += ["", "Conventions:", ""]
     lines += [f"- **{name}**: {text}" for name, text in meta["conventions"].items()]
     for (scenario, case), recs in groups(records).items():
-        lines += ["", f"## {case_title(scenario, case, meta['options'])}", ""]
+        lines += ["", f"## {case_title(scenario, case, meta['options'], models)}", ""]
         metric_names = list(dict.fromkeys(n for r in recs for n in r.metrics if n != "compile_s"))
-        head = [size_label(scenario), "variant", "median ms", "speedup"]
+        head = [size_label(scenario), "variant", "median ms", "p10-p90 ms", "repeats", "speedup (p10-p90)"]
         head += [_METRIC_TITLES.get(n, n) for n in metric_names]
         head += ["peak memory", "mean memory", "compile s", "status"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for rec in sorted(recs, key=lambda r: r.size):
             row = [str(rec.size), rec.variant]
             row.append(f"{rec.ms:.3f}" if rec.ms is not None else "-")
+            bounds = spread.ms_range(rec)
+            row.append(f"{bounds[0]:.3f}-{bounds[1]:.3f}" if bounds is not None else "-")
+            row.append(str(spread.repeats(rec) or "-") if rec.status == "ok" else "-")
             row.append(
-                f"{rec.speedup:.2f}x"
+                spread.ratio_text(rec.speedup, rec.speedup_range)
                 if rec.speedup is not None
                 else ("1.00x" if rec.variant == EINSUM and rec.status == "ok" else "-")
             )

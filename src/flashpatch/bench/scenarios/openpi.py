@@ -337,6 +337,7 @@ def run(harness: Harness) -> None:
     o = harness.options
     models = openpi_models.load(o.openpi_src, size=o.openpi_size)
     harness.notes.append(f"openpi mode: {models.description}")
+    harness.models["openpi"] = models.source
     harness.notes.extend(models.notes)
     harness.budget.begin("openpi")
     with ceiling.registered():
