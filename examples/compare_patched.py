@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 
 import flashpatch
-from flashpatch import selection
+from flashpatch.core import selection
 from flashpatch.testing import gemma, layouts, register
+from flashpatch.tools import args as cli_args
 
 DTYPES = ("float32", "bfloat16")
 SUFFIX = 11  # a state token and 10 action tokens, as pi0's suffix (shortened)
@@ -59,22 +60,22 @@ def timed(fn, *args, repeats: int = 5):
 
 
 def main() -> int:
-    parser = flashpatch.cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli_args.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--backend",
         metavar="NAME",
-        type=flashpatch.cli.one_of(flashpatch.backend_choices, "--backend"),
+        type=cli_args.one_of(flashpatch.backend_choices, "--backend"),
         help=f"one of {', '.join(flashpatch.backend_choices())} (default: xla on a CPU, auto on a GPU)",
     )
     parser.add_argument(
-        "--length", type=flashpatch.cli.positive_int, default=1024, help="tokens per sequence (default 1024)"
+        "--length", type=cli_args.positive_int, default=1024, help="tokens per sequence (default 1024)"
     )
-    parser.add_argument("--batch", type=flashpatch.cli.positive_int, default=2, help="sequences (default 2)")
+    parser.add_argument("--batch", type=cli_args.positive_int, default=2, help="sequences (default 2)")
     parser.add_argument(
         "--dtype",
         default="float32",
         metavar="DTYPE",
-        type=flashpatch.cli.one_of(DTYPES, "--dtype"),
+        type=cli_args.one_of(DTYPES, "--dtype"),
         help=f"{', '.join(DTYPES)} (default float32)",
     )
     args = parser.parse_args()

@@ -11,9 +11,10 @@ warns about those already imported; this one is imported before pytest starts, a
 """
 
 import os
+import sys
 import warnings
 
-#: flashpatch.settings.OFF_SPELLINGS, copied: importing it would load flashpatch while FLASHPATCH is off
+#: flashpatch.switch.settings.OFF_SPELLINGS, copied: importing it would load flashpatch while FLASHPATCH is off
 #: (tests/test_autoload.py checks that the two agree).
 _OFF = ("", "0", "false", "off", "no")
 _warned = set()
@@ -21,16 +22,26 @@ _warned = set()
 
 def _warn(message, category=UserWarning, at_user_line=False):
     """Warn once, at no source line (this module's lines mean nothing to a user), or, when openpi's import
-    triggered it, at the line that imported openpi."""
+    triggered it, at the line that imported openpi.
+
+    Where the warning filters turn it into an exception (`python -W error`), the message still goes out as one
+    line on stderr: an exception here would reach site.py, which prints every traceback it chains.
+    """
     if message in _warned:
         return
     _warned.add(message)
     try:
-        from flashpatch import diagnostics
-    except Exception:  # flashpatch does not load: say so without its help
-        warnings.warn_explicit(message, category, "flashpatch", 0, module="flashpatch")
-        return
-    diagnostics.warn(message, category, at_user_line=at_user_line)
+        try:
+            from flashpatch import diagnostics
+        except Exception:  # flashpatch does not load: say so without its help
+            warnings.warn_explicit(message, category, "flashpatch", 0, module="flashpatch")
+            return
+        diagnostics.warn(message, category, at_user_line=at_user_line)
+    except Exception:
+        try:
+            sys.stderr.write(f"{category.__name__}: {message}\n")
+        except Exception:  # pragma: no cover - no stderr at all: startup still goes on
+            pass
 
 
 def _main():
@@ -39,7 +50,9 @@ def _main():
     try:
         import wrapt
 
-        from flashpatch import openpi_sites, settings
+        from flashpatch import openpi_sites
+
+        from flashpatch.switch import settings
         from flashpatch.diagnostics import FlashpatchWarning
     except Exception as err:  # a broken install must not stop the interpreter
         _warn(f"flashpatch: FLASHPATCH is set but flashpatch cannot load ({err!r}); openpi will run unpatched")

@@ -31,8 +31,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import flashpatch
-from flashpatch import backends, meshes
+from flashpatch import backends
 from flashpatch.backends import kvax as kvax_backend
+from flashpatch.backends import meshes
 from flashpatch.backends.kvax import compat as kvax_compat
 from flashpatch.backends.reference import reference_attention
 from flashpatch.backends.xla import XlaBackend

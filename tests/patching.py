@@ -3,7 +3,7 @@
 - `tiny_attention()`: openpi's Gemma attention (the `flashpatch.testing` copy) at toy size, with
   parameters drawn by NumPy from `jax.eval_shape`, since compiling JAX's PRNG for every parameter
   shape costs seconds on a 2-core CPU;
-- `spy_attention()`: records every call into `flashpatch.core.attention` (made while tracing);
+- `spy_attention()`: records every call into `flashpatch.core.attention.attention` (made while tracing);
 - `ZeroBackend`: an `xla` backend whose attention is all zeros, so a patched Attention returns
   exact zeros and the compiled path can be read off its output.
 """
@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flashpatch import core
 from flashpatch.backends.base import DenseBackend
-from flashpatch.settings import Settings
+from flashpatch.core import attention as core
+from flashpatch.switch.settings import Settings
 from flashpatch.testing import gemma
 
 TINY = gemma.get_config("tiny")
@@ -81,7 +81,8 @@ def spy_attention(monkeypatch: pytest.MonkeyPatch) -> list[AttentionCall]:
     real = core.attention
 
     def spy(*args, **kwargs):
-        calls.append(AttentionCall(kwargs.get("settings"), kwargs.get("site", ""), threading.get_ident()))
+        settings = Settings(kwargs["backend"], verify=kwargs.get("verify", False))
+        calls.append(AttentionCall(settings, kwargs.get("site", ""), threading.get_ident()))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(core, "attention", spy)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import flashpatch
-from flashpatch import selection, verify
 from flashpatch.backends.xla import XlaBackend
+from flashpatch.core import selection, verify
 from flashpatch.testing import conformance
 
 
@@ -73,5 +73,55 @@ def test_integer_inputs_are_refused(arg: str) -> None:
     q, k, v, mask = conformance.CASES["pi0_padding_mid"].arrays("float32")
     inputs = {"q": q, "k": k, "v": v}
     inputs[arg] = inputs[arg].astype(jnp.int32)
-    with pytest.raises(TypeError, match=f"{arg} must be a floating-point array"):
+    with pytest.raises(TypeError, match=f"{arg} must be floating point"):
         flashpatch.attention(inputs["q"], inputs["k"], inputs["v"], mask)
+
+
+@pytest.mark.parametrize("backend", ["reference", "xla", "pallas", "auto"])
+@pytest.mark.parametrize("empty", ["batch", "query", "heads"])
+def test_an_empty_axis_gives_an_empty_result_on_every_backend(backend: str, empty: str) -> None:
+    """Batch 0 (or T = 0, or no heads) used to raise a bare ZeroDivisionError in pallas."""
+    b, t, n = {"batch": (0, 5, 4), "query": (2, 0, 4), "heads": (2, 5, 0)}[empty]
+    q = jnp.ones((b, t, n, 16))
+    k = v = jnp.ones((b, 6, max(n, 1) if n else 1, 16))
+    mask = jnp.ones((b, 1, t, 6), bool)
+    with selection.recording() as chosen:
+        out = flashpatch.attention(q, k, v, mask, settings=backend)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert [c.backend for c in chosen] == ["reference"] and "nothing to compute" in chosen[0].reason
+
+
+def test_a_probs_dtype_that_is_not_floating_point_is_refused() -> None:
+    """An int8 probs dtype was accepted, and three backends gave three different answers."""
+    q, k, v, mask = conformance.CASES["pi0_padding_mid"].arrays("float32")
+    with pytest.raises(TypeError, match=r"probs_dtype must be floating point .* got int8"):
+        flashpatch.attention(q, k, v, mask, probs_dtype="int8")
+
+
+@pytest.mark.parametrize("arg", ["q", "attn_mask"])
+def test_a_python_list_is_one_clear_error(arg: str) -> None:
+    q, k, v, mask = conformance.CASES["pi0_padding_mid"].arrays("float32")
+    inputs = {"q": q, "attn_mask": mask}
+    inputs[arg] = np.asarray(inputs[arg]).tolist()
+    with pytest.raises(TypeError, match=rf"{arg} must be a JAX or NumPy array; got list \(wrap it: jnp.asarray"):
+        flashpatch.attention(inputs["q"], k, v, inputs["attn_mask"])
+
+
+def test_verify_logs_an_agreement_at_info_and_a_disagreement_at_warning(use_backend, caplog) -> None:
+    """Verify mode logged a 6e-08 agreement at WARNING; a broken backend must still stand out."""
+    import logging
+
+    from patching import ZeroBackend
+
+    q, k, v, mask = conformance.CASES["pi0_padding_mid"].arrays("float32")
+    caplog.set_level(logging.INFO, logger="flashpatch")
+    jax.block_until_ready(flashpatch.attention(q, k, v, mask, settings=flashpatch.Settings("xla", verify=True)))
+    [agreement] = [r for r in caplog.records if "verify" in r.getMessage()]
+    assert agreement.levelno == logging.INFO and "within 2e-05" in agreement.getMessage()
+    caplog.clear()
+    use_backend("xla", ZeroBackend())
+    jax.block_until_ready(
+        flashpatch.attention(q, k, v, mask, settings=flashpatch.Settings("xla", verify=True), site="broken")
+    )
+    [disagreement] = [r for r in caplog.records if "verify" in r.getMessage()]
+    assert disagreement.levelno == logging.WARNING and "MORE than the 2e-05 expected" in disagreement.getMessage()

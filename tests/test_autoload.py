@@ -21,7 +21,8 @@ HEAVY = ("jax", "jaxlib", "flax", "numpy", "flashpatch")
 #: What the hook may import at start-up when FLASHPATCH is set: the settings and the registry, no JAX.
 LIGHT = (
     "flashpatch",
-    "flashpatch.settings",
+    "flashpatch.switch",
+    "flashpatch.switch.settings",
     "flashpatch.backends",
     "flashpatch.diagnostics",
     "flashpatch.openpi_sites",
@@ -44,7 +45,7 @@ REPORT_PATCHED = """
 import sys
 import openpi.models.gemma as gemma
 import flashpatch
-from flashpatch import interception
+from flashpatch.switch import interception
 print("installed", flashpatch.installed())
 print("bound", sorted(interception.bound_targets()))
 print("gate", getattr(gemma.Attention.__call__, "__flashpatch_original__", None) is not None)
@@ -60,13 +61,13 @@ def fake_openpi(tmp_path: pathlib.Path) -> pathlib.Path:
     return tmp_path
 
 
-def run_python(code: str, path: pathlib.Path, **env: str) -> subprocess.CompletedProcess[str]:
-    """`python -c code` with FLASHPATCH* taken from `env` only, `path` then flashpatch's root on the path."""
+def run_python(code: str, path: pathlib.Path, *flags: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """`python [flags] -c code` with FLASHPATCH* taken from `env` only, `path` then flashpatch's root on the path."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("FLASHPATCH")}
     environ["PYTHONPATH"] = os.pathsep.join([str(path), str(PACKAGE_ROOT)])
     environ.update(env)
     done = subprocess.run(
-        [sys.executable, "-c", code], env=environ, capture_output=True, text=True, timeout=180, check=False
+        [sys.executable, *flags, "-c", code], env=environ, capture_output=True, text=True, timeout=180, check=False
     )
     assert done.returncode == 0, f"exit {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
     return done
@@ -89,7 +90,7 @@ def test_off_imports_nothing(tmp_path: pathlib.Path) -> None:
 def test_the_hook_reads_off_as_settings_does(tmp_path: pathlib.Path) -> None:
     """The hook decides "off" before importing flashpatch, with its own copy of the spellings: the same ones."""
     code = (
-        "import _flashpatch_autoload as hook; from flashpatch import settings\n"
+        "import _flashpatch_autoload as hook; from flashpatch.switch import settings\n"
         "print(set(hook._OFF) == set(settings.OFF_SPELLINGS))"
     )
     assert run_python(code, tmp_path).stdout.strip() == "True"
@@ -190,3 +191,14 @@ def test_pytest_runs_clean_beside_the_hook(tmp_path: pathlib.Path, flag: str) ->
     )
     done = run_python(code, tmp_path, **({"FLASHPATCH": flag} if flag else {}))
     assert "1 passed" in done.stdout and "Warning" not in done.stdout + done.stderr, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("warnings_flag", ["error", "default"])
+def test_a_bad_variable_under_warnings_as_errors_is_one_line_at_start(tmp_path: pathlib.Path, warnings_flag) -> None:
+    """`python -W error` turns the hook's warning into an exception inside site.py, which printed some 80 lines of
+    chained tracebacks; the hook says it in one line, and the interpreter starts."""
+    done = run_python(PROCESS_PTH + "print('started')", tmp_path, "-W", warnings_flag, FLASHPATCH="maybe")
+    assert done.stdout.strip() == "started"
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "FLASHPATCH must be one of" in lines[0] and "flashpatch is OFF" in lines[0], lines[0]

@@ -56,6 +56,27 @@ def test_suite_catches_a_broken_backend(use_backend, broken) -> None:
         conformance.check("xla", conformance.CASES["pi0_padding_mid"], "float32")
 
 
+def test_the_kit_still_checks_under_python_O(tmp_path) -> None:
+    """`python -O` drops assert statements; the kit must fail a broken backend there too."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "check_broken.py"
+    script.write_text(
+        "import jax.numpy as jnp\n"
+        "from flashpatch import backends\n"
+        "from flashpatch.testing import conformance\n"
+        "class Zero(backends.DenseBackend):\n"
+        "    def attend(self, q, k, v, mask, problem):\n"
+        "        return jnp.zeros(q.shape, problem.out_dtype)\n"
+        "with backends.override('xla', Zero()):\n"
+        "    conformance.check('xla', conformance.CASES['pi0_padding_mid'], 'float32')\n"
+        "print('PASSED')\n"
+    )
+    done = subprocess.run([sys.executable, "-O", str(script)], capture_output=True, text=True, timeout=300)
+    assert "PASSED" not in done.stdout and "AssertionError" in done.stderr, done.stdout + done.stderr
+
+
 class ToyBackend(backends.DenseBackend):
     """A backend as a user would write one, outside flashpatch: plain softmax attention in float32."""
 

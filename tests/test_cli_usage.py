@@ -1,5 +1,5 @@
-"""Every way a user may call the command line answers: `--version`, `python -m flashpatch.doctor`,
-`python -m flashpatch.cli`; none prints nothing and exits 0."""
+"""Every way a user may call the command line answers: `--version`, `python -m flashpatch.tools.doctor`;
+none prints nothing and exits 0."""
 
 from __future__ import annotations
 
@@ -33,14 +33,8 @@ def test_usage_names_version() -> None:
 
 
 def test_doctor_runs_as_its_own_module() -> None:
-    done = _run("flashpatch.doctor", "--q-len", "64", "--kv-len", "64")
+    done = _run("flashpatch.tools.doctor", "--q-len", "64", "--kv-len", "64")
     assert done.returncode == 0, done.stderr
     assert "flashpatch doctor" in done.stdout and "auto picks:" in done.stdout, done.stdout
-    helped = _run("flashpatch.doctor", "--help")
+    helped = _run("flashpatch.tools.doctor", "--help")
     assert helped.returncode == 0 and "usage: python -m flashpatch doctor" in helped.stdout, helped.stdout
-
-
-def test_the_cli_module_is_the_command_line() -> None:
-    done = _run("flashpatch.cli", "--help")
-    assert done.returncode == 0 and "usage: python -m flashpatch COMMAND" in done.stdout, done
-    assert _run("flashpatch.cli", "--version").stdout.strip() == f"flashpatch {flashpatch.__version__}"

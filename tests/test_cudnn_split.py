@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from helpers import sorts_in_a_layer_loop
 
-from flashpatch import backends, masks
-from flashpatch.backends import cudnn_split
+from flashpatch import backends
+from flashpatch.backends import cudnn_split, masks
 from flashpatch.backends.base import Backend
 from flashpatch.diagnostics import FlashpatchWarning
 from flashpatch.testing import layouts

@@ -27,7 +27,14 @@ def test_doctor_reports_versions_targets_and_the_choice() -> None:
     done = _run("doctor", "--q-len", "64", "--kv-len", "64")
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    for expected in ("jax ", "flax ", "openpi.models.gemma.Attention", "T=64 S=64", "kvax: cannot: kvax runs on gpu"):
+    for expected in (
+        "jax ",
+        "flax ",
+        "openpi.models.gemma.Attention",
+        "T=64 S=64",
+        "kvax: cannot run it here: kvax runs on gpu",
+        "cudnn_split: cannot run it here: cudnn_split runs on gpu",  # it said "cudnn runs on gpu"
+    ):
         assert expected in out, out
     assert "auto picks: reference" in out and "openpi's own attention is faster" in out, out
 
@@ -35,6 +42,19 @@ def test_doctor_reports_versions_targets_and_the_choice() -> None:
 def test_doctor_for_a_long_sequence_picks_the_blockwise_path_on_cpu() -> None:
     done = _run("doctor", "--q-len", "4096", "--kv-len", "4096")
     assert done.returncode == 0 and "auto picks: xla" in done.stdout, done.stdout + done.stderr
+
+
+def test_every_doctor_option_has_help_text() -> None:
+    done = _run("doctor", "--help")
+    for option in ("--batch", "--q-len", "--kv-len", "--heads", "--kv-heads", "--head-dim", "--dtype", "--backend"):
+        described = [line for line in done.stdout.splitlines() if line.strip().startswith(option)]
+        text = " ".join(done.stdout.split(option, 1)[1].split("\n  -", 1)[0].split()[1:]) if described else ""
+        assert len(text) > 8, f"{option} has no help text:\n{done.stdout}"
+
+
+def test_backend_names_are_read_alike_on_the_command_line() -> None:
+    done = _run("doctor", "--backend", " XLA ", "--q-len", "16", "--kv-len", "16")
+    assert done.returncode == 0 and "xla picks: xla" in done.stdout, done.stdout + done.stderr
 
 
 def test_help_exits_zero() -> None:
@@ -106,8 +126,9 @@ def test_doctor_says_when_the_backend_variable_is_ignored() -> None:
 def test_doctor_and_the_benchmark_read_versions_through_one_helper(monkeypatch, capsys) -> None:
     """One place reads installed versions (flashpatch.versions.installed); tokamax, which flashpatch never uses,
     is not listed."""
-    from flashpatch import doctor, versions
+    from flashpatch import versions
     from flashpatch.bench import records
+    from flashpatch.tools import doctor
 
     monkeypatch.setattr(versions, "installed", lambda name, lookup=None: versions.parse("9.9.9"))
     assert doctor.main(["--q-len", "64", "--kv-len", "64"]) == 0

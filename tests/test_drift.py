@@ -24,7 +24,7 @@ import pytest
 from helpers import CountingXla, fast_jit
 
 import flashpatch
-from flashpatch import interception
+from flashpatch.switch import interception
 from flashpatch.testing import gemma, gemma_fast, layouts
 
 EXPERT = gemma.get_config("tiny")

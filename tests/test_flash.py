@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flashpatch import backends, masks
+from flashpatch import backends
+from flashpatch.backends import masks
 from flashpatch.backends.base import Backend
 from flashpatch.backends.flash import FlashBackend, kernel, segments
 from flashpatch.diagnostics import FlashpatchWarning

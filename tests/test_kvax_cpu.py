@@ -11,8 +11,8 @@ import pytest
 from helpers import rel_err
 
 import flashpatch
-from flashpatch import masks
 from flashpatch.backends import kvax as kvax_backend
+from flashpatch.backends import masks
 from flashpatch.backends.base import Problem
 from flashpatch.backends.kvax import compat as kvax_compat
 from flashpatch.backends.kvax import tuning as kvax_tuning

@@ -35,8 +35,9 @@ from flax.nnx import bridge as nnx_bridge
 from helpers import TOL, CountingXla, assert_finite, fast_jit, rel_err
 
 import flashpatch
-from flashpatch import core, verify
 from flashpatch.backends.xla import XlaBackend
+from flashpatch.core import attention as core
+from flashpatch.core import verify
 from flashpatch.testing import gemma, gemma_fast, layouts
 from flashpatch.testing.lora import LoRAConfig
 
@@ -595,14 +596,16 @@ def test_verify_mode_logs_each_target_once_and_then_only_larger_differences(monk
     only a difference larger than any logged before (marked "new largest"); the same work again
     logs nothing."""
     monkeypatch.setattr(verify, "log", verify.VerifyLog())
-    caplog.set_level(logging.WARNING, logger="flashpatch")
+    caplog.set_level(logging.INFO, logger="flashpatch")
 
     def run_both() -> list[tuple[str, float, str]]:
         caplog.clear()
         for name in ("pi0", "fast"):
             for layout, tree in evaluate(program(name, "float32"), name, "xla", verify=True).items():
                 assert_close(name, "float32", layout, tree)
-        messages = [r.getMessage() for r in caplog.records if r.name == "flashpatch" and r.levelno == logging.WARNING]
+        records = [r for r in caplog.records if r.name == "flashpatch" and "verify" in r.getMessage()]
+        assert all(r.levelno == logging.INFO for r in records), "an agreement was logged above INFO"
+        messages = [r.getMessage() for r in records]
         parsed = [(_VERIFY.search(m), m) for m in messages]
         assert all(match for match, _ in parsed), messages
         return [(match.group(1), float(match.group(2)), m) for match, m in parsed]

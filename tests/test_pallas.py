@@ -17,9 +17,11 @@ import pytest
 from helpers import openpi_problem
 
 import flashpatch
-from flashpatch import backends, masks, selection
+from flashpatch import backends
+from flashpatch.backends import masks
 from flashpatch.backends.base import ChainBackend, Problem
 from flashpatch.backends.pallas import PallasBackend, compat, kernel, tiling
+from flashpatch.core import selection
 from flashpatch.testing import conformance, layouts
 from flashpatch.testing.conformance import assert_finite, rel_err
 

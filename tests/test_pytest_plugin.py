@@ -7,13 +7,15 @@ import importlib.metadata
 import pytest
 
 import flashpatch
-from flashpatch import interception
+from flashpatch.switch import interception
 
 
 def _plugin_args() -> list[str]:
     """Where flashpatch is pip-installed pytest loads the plugin by its entry point; else name it with -p."""
-    installed = any(ep.value == "flashpatch.pytest_plugin" for ep in importlib.metadata.entry_points(group="pytest11"))
-    return [] if installed else ["-p", "flashpatch.pytest_plugin"]
+    installed = any(
+        ep.value == "flashpatch.tools.pytest_plugin" for ep in importlib.metadata.entry_points(group="pytest11")
+    )
+    return [] if installed else ["-p", "flashpatch.tools.pytest_plugin"]
 
 
 @pytest.fixture

@@ -10,10 +10,11 @@ import types
 
 import pytest
 
-from flashpatch import backends, selection
+from flashpatch import backends
 from flashpatch.backends import cudnn
 from flashpatch.backends.base import Problem
 from flashpatch.backends.flash import kernel as flash_kernel
+from flashpatch.core import selection
 
 GIB = 2**30
 

@@ -7,8 +7,8 @@ import re
 import pytest
 
 import flashpatch
-from flashpatch import interception, settings
-from flashpatch.settings import Settings, from_env
+from flashpatch.switch import interception, state
+from flashpatch.switch.settings import Settings, from_env
 
 
 @pytest.mark.parametrize("value", ["1", "true", "TRUE", "on", "yes", " 1 "])
@@ -79,7 +79,7 @@ def test_bad_enable_opens_nothing() -> None:
         flashpatch.enable("nope")
     with pytest.raises(ValueError, match="backend"):
         flashpatch.install("nope")
-    assert settings.current() is None and flashpatch.installed() is None
+    assert state.current() is None and flashpatch.installed() is None
     assert not interception.bound_targets()
 
 

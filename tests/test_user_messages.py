@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import pytest
 
 import flashpatch
-from flashpatch import interception
+from flashpatch.switch import interception
 from flashpatch.testing import gemma
 
 PACKAGE_DIR = pathlib.Path(flashpatch.__file__).resolve().parent
@@ -137,3 +137,19 @@ def test_a_module_that_becomes_importable_later_is_still_patched(
             assert interception.bound_targets()[f"{name}.Attention"] is module.Attention
     finally:
         sys.modules.pop(name, None)
+
+
+def test_a_fallback_warning_names_flashpatch_once() -> None:
+    """flashpatch's warnings start "flashpatch: " unless the site they name already says flashpatch."""
+    q = jnp.zeros((1, 4, 2, 8))
+    k = jnp.zeros((1, 4, 1, 8))
+    mask = jnp.ones((1, 1, 4, 4), bool)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        flashpatch.attention(q, k, k, mask, settings="cudnn")
+        flashpatch.attention(q, k, k, mask, settings="cudnn", site="my_model.Attention")
+    texts = [str(w.message) for w in _flashpatch_warnings(caught)]
+    assert len(texts) == 2, texts
+    assert texts[0].startswith("flashpatch.attention: cudnn cannot run this call"), texts[0]
+    assert texts[1].startswith("flashpatch: my_model.Attention: cudnn cannot run this call"), texts[1]
+    assert not any("flashpatch: flashpatch" in text for text in texts), texts

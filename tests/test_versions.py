@@ -111,7 +111,7 @@ def test_outside_tested(stack: dict[str, str], outside: set[str]) -> None:
 def test_installed_stack_is_within_the_tested_ranges() -> None:
     """Fails, on purpose, the first time CI resolves a JAX or Flax release nobody has tested.
 
-    Then: run the suite on it, check `flashpatch.jit_cache.carrier_name` and the kvax compat gates,
+    Then: run the suite on it, check `flashpatch.switch.jit_key.carrier_name` and the kvax compat gates,
     update docs/user-guide.md, and widen `versions.TESTED`.
     """
     outside = versions.outside_tested()

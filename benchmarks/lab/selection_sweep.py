@@ -1,4 +1,4 @@
-"""Where does the blockwise `xla` backend overtake the einsum on CPU? (feeds `flashpatch.selection`)
+"""Where does the blockwise `xla` backend overtake the einsum on CPU? (feeds `flashpatch.core.selection`)
 
     PYTHONPATH=src python benchmarks/lab/selection_sweep.py [--out results.json]
 

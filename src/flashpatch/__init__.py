@@ -1,6 +1,6 @@
 """flashpatch: flash attention for openpi's Gemma models, switched on at run time, no source edits.
 
-    with flashpatch.enable():            # this thread, this block
+    with flashpatch.enable():            # this thread or asyncio task, this block
         ...
     flashpatch.install()                 # the whole process (what FLASHPATCH=1 does)
 
@@ -20,50 +20,84 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.2.0"
 
 if TYPE_CHECKING:
-    from flashpatch.core import attention
-    from flashpatch.diagnostics import FlashpatchWarning
-    from flashpatch.model_patch import patch, patch_model
-    from flashpatch.settings import Settings
-    from flashpatch.targets import register as register_target
-    from flashpatch.toggles import disable, enable, install, installed, uninstall
+    import jax
 
-#: public name -> (module, attribute); attribute None: the module itself.
-_LAZY: dict[str, tuple[str, str | None]] = {
-    "attention": ("flashpatch.core", "attention"),
+    from flashpatch.diagnostics import FlashpatchWarning
+    from flashpatch.switch.blocks import disable, enable, install, installed, uninstall
+    from flashpatch.switch.model_patch import patch, patch_model
+    from flashpatch.switch.settings import Settings
+    from flashpatch.targets import register as register_target
+
+#: public name -> (module, attribute).
+_LAZY: dict[str, tuple[str, str]] = {
     "FlashpatchWarning": ("flashpatch.diagnostics", "FlashpatchWarning"),
-    "Settings": ("flashpatch.settings", "Settings"),
+    "Settings": ("flashpatch.switch.settings", "Settings"),
     "register_target": ("flashpatch.targets", "register"),
-    "disable": ("flashpatch.toggles", "disable"),
-    "enable": ("flashpatch.toggles", "enable"),
-    "install": ("flashpatch.toggles", "install"),
-    "installed": ("flashpatch.toggles", "installed"),
-    "patch": ("flashpatch.model_patch", "patch"),
-    "patch_model": ("flashpatch.model_patch", "patch_model"),
-    "uninstall": ("flashpatch.toggles", "uninstall"),
+    "disable": ("flashpatch.switch.blocks", "disable"),
+    "enable": ("flashpatch.switch.blocks", "enable"),
+    "install": ("flashpatch.switch.blocks", "install"),
+    "installed": ("flashpatch.switch.blocks", "installed"),
+    "patch": ("flashpatch.switch.model_patch", "patch"),
+    "patch_model": ("flashpatch.switch.model_patch", "patch_model"),
+    "uninstall": ("flashpatch.switch.blocks", "uninstall"),
 }
 _SUBMODULES = (
     "backends",
     "bench",
-    "cli",
     "core",
     "diagnostics",
-    "doctor",
-    "drift",
-    "interception",
-    "jit_cache",
-    "masks",
-    "meshes",
-    "model_patch",
     "openpi_sites",
-    "selection",
-    "settings",
     "switch",
     "targets",
     "testing",
-    "toggles",
-    "verify",
+    "tools",
     "versions",
 )
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    attn_mask: jax.Array,
+    *,
+    probs_dtype: Any = None,
+    settings: Settings | str | None = None,
+    site: str = "flashpatch.attention",
+    causal_runs: bool = True,
+) -> jax.Array:
+    """softmax(q k^T, masked) v with openpi's semantics, through flashpatch's backends.
+
+    q: (B, T, N, H), already scaled by head_dim**-0.5 as openpi does; k, v: (B, S, K, H); attn_mask:
+    (B, 1, T, S) bool. `probs_dtype` is the dtype openpi casts the softmax to (default: q's dtype).
+    `settings` (a Settings, or a backend name such as 'xla') defaults to the enable() block in force here,
+    else the process default (`install`), else `auto`. `causal_runs=False` promises that no run of several
+    rows in the mask is causal (pi0's and pi0.5's masks; pi0-FAST's suffix is one). Returns (B, T, N, H) in
+    result_type(probs_dtype, v.dtype), as openpi does.
+    """
+    from flashpatch.core.attention import attention as core_attention
+    from flashpatch.switch import state
+    from flashpatch.switch.settings import Settings
+
+    if settings is None:
+        settings = state.current() or Settings()
+    elif isinstance(settings, str):
+        settings = Settings(backend=settings)
+    elif not isinstance(settings, Settings):
+        raise TypeError(
+            f"settings must be a flashpatch.Settings or a backend name such as 'auto'; got {type(settings).__name__}"
+        )
+    return core_attention(
+        q,
+        k,
+        v,
+        attn_mask,
+        backend=settings.backend,
+        verify=settings.verify,
+        probs_dtype=probs_dtype,
+        site=site,
+        causal_runs=causal_runs,
+    )
 
 
 def __getattr__(name: str) -> Any:

@@ -25,7 +25,7 @@ def main(argv: list[str]) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command == "doctor":
-        from flashpatch import doctor
+        from flashpatch.tools import doctor
 
         return doctor.main(rest)
     if command == "bench":

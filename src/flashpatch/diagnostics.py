@@ -78,16 +78,24 @@ def _first(key: tuple) -> bool:
         return True
 
 
+def said_by_flashpatch(message: str) -> str:
+    """`message` with "flashpatch: " in front, unless it already starts by naming flashpatch or its public
+    `flashpatch.attention` (no "flashpatch: flashpatch...")."""
+    if message.startswith(("flashpatch:", "flashpatch ", "flashpatch.attention:")):
+        return message
+    return f"flashpatch: {message}"
+
+
 def warn_once(key: tuple, message: str) -> None:
     """Warn the first time `key` is seen in this process, at the user's line (see `warn`)."""
     if _first(("warn", *key)):
-        warn(f"flashpatch: {message}")
+        warn(said_by_flashpatch(message))
 
 
 def info_once(key: tuple, message: str) -> None:
     """Log at INFO the first time `key` is seen in this process."""
     if _first(("info", *key)):
-        logger.info("flashpatch: %s", message)
+        logger.info("%s", said_by_flashpatch(message))
 
 
 def forget() -> None:

@@ -26,9 +26,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 import common
 
 import flashpatch
-from flashpatch import masks
+from flashpatch.backends import masks
 from flashpatch.backends.flash import segments as sg
-from flashpatch.core import empty_row_value
+from flashpatch.core.attention import empty_row_value
 from flashpatch.testing import layouts
 from flashpatch.testing.conformance import float32_reference
 

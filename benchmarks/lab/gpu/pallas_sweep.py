@@ -54,7 +54,7 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import environment, log, medians_in_rounds
 
 import flashpatch
-from flashpatch import masks
+from flashpatch.backends import masks
 from flashpatch.backends.pallas import kernel, tiling
 from flashpatch.backends.reference import reference_attention
 from flashpatch.testing import layouts

@@ -33,7 +33,10 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import environment, log, medians_in_rounds, openpi_mask, qkv, write
 
 import flashpatch
-from flashpatch import backends, core, masks
+from flashpatch import backends
+from flashpatch.core import attention as core
+from flashpatch.core import selection
+from flashpatch.backends import masks
 from flashpatch.backends import cudnn_split
 from flashpatch.backends.base import Problem
 from flashpatch.backends.reference import reference_attention
@@ -159,7 +162,7 @@ def variants(problem: Problem) -> dict:
         the core's one conditional per layer. `stacked` hands it the number of layers.
         """
         chain = backends.get(name)
-        dense = chain.fallback_for(problem)
+        dense = selection.fallback_for(chain, problem)
 
         def run(q, k, v, mask, layers):
             mask = mask[:, 0]

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     Factory = str | Callable[[], Backend]
 
 ENTRY_POINT_GROUP = "flashpatch.backends"
-#: The names `enable()` takes besides backends: it resolves per call (flashpatch/selection.py).
+#: The names `enable()` takes besides backends: it resolves per call (flashpatch/core/selection.py).
 AUTO = "auto"
 #: openpi's own attention: the yardstick every backend is checked against, never replaced.
 REFERENCE = "reference"
@@ -100,6 +100,22 @@ def names() -> tuple[str, ...]:
 def choices() -> tuple[str, ...]:
     """What `enable(backend=...)` and `FLASHPATCH_BACKEND` accept: 'auto' and every backend name."""
     return (AUTO, *names())
+
+
+def canonical(name: object) -> str:
+    """`name` as registered, with surrounding spaces and case ignored ('XLA', ' xla ' -> 'xla').
+
+    Every place that takes a backend name reads it through here (`enable()`, `FLASHPATCH_BACKEND`, the command
+    lines), so they accept and refuse the same spellings. ValueError naming the choices for an unknown name.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"a backend name is a str such as 'auto' or 'xla'; got {type(name).__name__} {name!r}")
+    wanted = name.strip().lower()
+    allowed = choices()
+    for choice in allowed:
+        if choice.lower() == wanted:
+            return choice
+    raise ValueError(f"backend must be one of {', '.join(allowed)}; got {name!r}")
 
 
 def get(name: str) -> Backend:
@@ -183,6 +199,7 @@ __all__ = [
     "ChainBackend",
     "DenseBackend",
     "Problem",
+    "canonical",
     "choices",
     "get",
     "names",

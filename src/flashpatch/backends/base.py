@@ -4,7 +4,7 @@ A backend is one of two kinds:
 
 - `DenseBackend`: computes attention under any boolean (B, T, S) mask. Write `attend`.
 - `ChainBackend`: computes openpi's masks, whose rows attend nested key sets ("chain form",
-  `flashpatch.masks`), and gets them as ranks and thresholds instead of a dense mask. Write
+  `flashpatch.backends.masks`), and gets them as ranks and thresholds instead of a dense mask. Write
   `attend` and say in `accepts` which chain-form masks it computes; the core runs an exact
   `fallback` (a `DenseBackend` object of its choosing, or by default the fastest exact one that runs
   here) in-graph for any mask `accepts` refuses.
@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flashpatch.masks import MaskPlan
+from flashpatch.backends.masks import MaskPlan
 
 #: The dtypes the fused GPU kernels (cuDNN, FlashAttention, kvax) take for k and v.
 HALF_DTYPES = ("bfloat16", "float16")
@@ -144,7 +144,7 @@ class DenseBackend(Backend):
 class ChainBackend(Backend):
     """A backend for masks in chain form: row i attends key j iff threshold[j] <= rank[i].
 
-    The core reads the plan (`flashpatch.masks.analyze`) once per call and, in the graph, runs
+    The core reads the plan (`flashpatch.backends.masks.analyze`) once per call and, in the graph, runs
     `fallback` wherever `accepts` says no (with one warning that names `structure`), `attend`
     otherwise. `fallback` is an object, so a backend can hold a tuned or larger variant of
     itself as well as another backend.
@@ -153,7 +153,7 @@ class ChainBackend(Backend):
     #: The masks it computes, in words, for the warning when one is refused.
     structure: str = "block-causal, as openpi's masks are"
     #: The exact backend that runs in-graph for a mask `accepts` refuses; None: the fastest exact one
-    #: that runs the problem here (`flashpatch.backends.fallback`), never slower than openpi's own.
+    #: that runs the problem here (`flashpatch.core.selection.exact_fallback`), never slower than openpi's own.
     fallback: DenseBackend | None = None
 
     def accepts(self, plan: MaskPlan, problem: Problem) -> jax.Array:
@@ -162,14 +162,6 @@ class ChainBackend(Backend):
         Where it is False, `attend` still runs and must return finite values (they are discarded).
         """
         return plan.exact
-
-    def fallback_for(self, problem: Problem) -> DenseBackend:
-        """The exact backend for `problem`'s refused masks."""
-        if self.fallback is not None:
-            return self.fallback
-        from flashpatch.backends.fallback import exact_fallback
-
-        return exact_fallback(problem)
 
     def attend(
         self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, plan: MaskPlan, problem: Problem

@@ -2,7 +2,7 @@
 
 A dense (B, T, S) mask costs cuDNN most of its speed (H100: 5.1 ms fwd+bwd at B=2, T=S=4096
 against 2.9 ms with no mask at all), while sequence lengths cost it nothing. In chain form
-(`flashpatch.masks`) with keys sorted by threshold, row i of an openpi mask attends the first
+(`flashpatch.backends.masks`) with keys sorted by threshold, row i of an openpi mask attends the first
 rank[i] keys, and the rows with the smallest positive rank are one large group: pi0's and
 pi0.5's prefix (images and prompt), pi0-FAST's bidirectional prefix. So, per batch row:
 
@@ -25,11 +25,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from flashpatch import masks
-from flashpatch.backends import cudnn
+from flashpatch.backends import cudnn, masks
 from flashpatch.backends.base import ChainBackend, Problem
+from flashpatch.backends.masks import MaskPlan
 from flashpatch.backends.reference import reference_attention
-from flashpatch.masks import MaskPlan
 
 #: Rows after the shared block that one call takes. openpi's suffixes: pi0 51 (state + 50 actions),
 #: pi0.5 up to 50; more rows fall back to the dense path.
@@ -177,7 +176,7 @@ class CudnnSplitBackend(ChainBackend):
         self.fallback = cudnn.CudnnBackend(use_seq_lengths=False, implementation=implementation)
 
     def unsupported(self, problem: Problem) -> str | None:
-        return self._cudnn.unsupported(problem)
+        return super().unsupported(problem) or self._cudnn.unsupported(problem)
 
     def accepts(self, plan: MaskPlan, problem: Problem) -> jax.Array:
         return plan.exact & tail_fits(plan, min(self.tail_max, problem.q_len))

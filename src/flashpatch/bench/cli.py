@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from flashpatch import cli
 from flashpatch.bench.options import EXPERTS, OPENPI_CASES, QUICK, SCENARIOS, Options, variant_names
+from flashpatch.tools import args as cli
 
 PROG = "python -m flashpatch.bench"
 #: Where results go without --out, as --help says it: a new directory in the current one (never a path of

@@ -16,10 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import flashpatch
-from flashpatch import backends, diagnostics, selection
+from flashpatch import backends, diagnostics
 from flashpatch.bench import memory, spread, timing
 from flashpatch.bench.options import Options, variant_names
 from flashpatch.bench.records import Record
+from flashpatch.core import selection
 from flashpatch.testing.conformance import rel_err  # the conformance suite's measure, NaN stays NaN
 
 EINSUM = "einsum"

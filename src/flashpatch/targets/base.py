@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import jax.numpy as jnp
 
 #: The attention core a target calls in place of openpi's einsums:
-#: core(q, k, v, attn_mask, *, probs_dtype, causal_runs=True) (flashpatch.core.attention's arguments).
+#: core(q, k, v, attn_mask, *, probs_dtype, causal_runs=True) (flashpatch.core.attention.attention's arguments).
 Core = Callable[..., Any]
 
 

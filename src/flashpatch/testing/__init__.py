@@ -16,7 +16,9 @@ def fresh_state() -> Iterator[None]:
     """Around one test: every message unsaid at the start; at the end, the process default as it was,
     no enable() block left open and (without a session-wide install) nothing patched."""
     import flashpatch
-    from flashpatch import diagnostics, interception, switch
+    from flashpatch import diagnostics
+    from flashpatch.switch import interception
+    from flashpatch.switch import state as switch
 
     diagnostics.forget()
     session_default = switch.default()

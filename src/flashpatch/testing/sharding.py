@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from flashpatch import meshes
+from flashpatch.backends import meshes
 
 BATCH_AXIS = "batch"
 FSDP_AXIS = "fsdp"

@@ -4,7 +4,7 @@ The kernels take packed variable-length sequences but no mask. `segments` turns 
 into such calls with no dense mask and no permuted queries; its docstring gives the decomposition
 and the measurements that chose it. The core reads each call's mask once and, where it is not one
 this packing computes exactly (not in chain form, more runs than the slots), runs the fastest exact
-path that runs here instead, in the graph (`flashpatch.backends.fallback`): cuDNN's dense path on
+path that runs here instead, in the graph (`flashpatch.core.selection.exact_fallback`): cuDNN's dense path on
 Hopper, else openpi's own attention.
 """
 
@@ -14,11 +14,10 @@ from collections.abc import Callable
 
 import jax
 
-from flashpatch import masks
-from flashpatch.backends import cudnn
+from flashpatch.backends import cudnn, masks
 from flashpatch.backends.base import HALF_DTYPES, ChainBackend, Problem
 from flashpatch.backends.flash import kernel, segments
-from flashpatch.masks import MaskPlan
+from flashpatch.backends.masks import MaskPlan
 
 
 class FlashBackend(ChainBackend):

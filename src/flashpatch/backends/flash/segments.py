@@ -1,6 +1,6 @@
 """openpi's masks as variable-length calls of a flash kernel: no dense mask, no permuted queries.
 
-In chain form (`flashpatch.masks`), with keys sorted by threshold, row t of batch row b attends the
+In chain form (`flashpatch.backends.masks`), with keys sorted by threshold, row t of batch row b attends the
 first rank[b, t] sorted keys. Read in the original row order, openpi's masks are a few *runs*:
 
 - a run of equal rank (pi0's prefix pieces between padding, its state token, its action block;
@@ -51,7 +51,7 @@ from typing import NamedTuple, Protocol
 import jax
 import jax.numpy as jnp
 
-from flashpatch import masks
+from flashpatch.backends import masks
 
 #: Runs of equal rank a batch row may hold. pi0 with three cameras has at most four (two prefix
 #: pieces around a missing camera, the state token, the action block); each slot costs a copy of

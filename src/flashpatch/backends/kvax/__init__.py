@@ -3,7 +3,7 @@
 kvax describes a mask by positions and segment ids and skips key blocks by ranges computed per
 query block; that is exact only when positions never decrease along the sequence and segments
 are contiguous. openpi's masks are not laid out that way (padding sits in the middle), but their
-chain form (`flashpatch.masks`) is: sort keys by threshold and queries by rank, and every row
+chain form (`flashpatch.backends.masks`) is: sort keys by threshold and queries by rank, and every row
 attends a prefix of the sorted keys, i.e. causal attention with positions rank (queries) and
 threshold (keys). flashpatch sorts, calls kvax with one segment, and puts rows back in place.
 
@@ -19,12 +19,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from flashpatch import masks, meshes
+from flashpatch.backends import masks, meshes
 from flashpatch.backends.base import HALF_DTYPES, ChainBackend, Problem
 from flashpatch.backends.kvax import compat as kvax_compat
 from flashpatch.backends.kvax import tuning as kvax_tuning
+from flashpatch.backends.masks import MaskPlan
 from flashpatch.backends.xla import XlaBackend
-from flashpatch.masks import MaskPlan
 
 HEAD_DIMS = (16, 32, 64, 128, 192, 256)
 

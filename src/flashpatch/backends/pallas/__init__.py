@@ -4,7 +4,7 @@ The kernels (`kernel.py`) take keys sorted so that every query row attends a pre
 per row. This adapter sorts the keys by threshold (`masks.key_order`, a permutation whose gradient
 is a gather), zeroes keys that no row attends and calls the kernel with `plan.rank`. The core checks
 in-graph that the mask is a chain and runs the fastest exact path that runs here where it is not
-(`flashpatch.backends.fallback`).
+(`flashpatch.core.selection.exact_fallback`).
 
 On a GPU the kernels are compiled by Triton; anywhere else they run in Pallas' interpreter, which
 is slow and there for correctness checks (CI) only. Tiles per GPU generation: `tiling.py`.
@@ -15,9 +15,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from flashpatch import masks
+from flashpatch.backends import masks
 from flashpatch.backends.base import ChainBackend, Problem
-from flashpatch.masks import MaskPlan
+from flashpatch.backends.masks import MaskPlan
 
 MAX_HEAD_DIM = 256
 

@@ -1,6 +1,6 @@
 """Flash attention over prefix masks in Pallas (Triton on GPU, interpret mode on CPU): forward and backward.
 
-The mask is given in chain form (`flashpatch.masks`): keys are already sorted so that query row t
+The mask is given in chain form (`flashpatch.backends.masks`): keys are already sorted so that query row t
 attends exactly keys [0, rank[b, t]). That is all the kernels need: a per-row bound, compared
 with the key index inside a tile, and per-tile bounds that decide which tiles are computed at all.
 

@@ -1,8 +1,8 @@
 """What flashpatch can be asked to do: the Settings value, and the FLASHPATCH* variables that ask for it.
 
 Imports no JAX: the interpreter-start hook parses the environment with it before anything heavy loads.
-Which settings are in force where (per thread, and the process default that `flashpatch.install()` sets
-and FLASHPATCH asks for) is `flashpatch.switch`'s; `current()` here reads it.
+Which settings are in force where (per context, and the process default that `flashpatch.install()` sets
+and FLASHPATCH asks for) is `flashpatch.switch.state`'s.
 """
 
 from __future__ import annotations
@@ -26,22 +26,13 @@ class Settings:
     verify: bool = False
 
     def __post_init__(self) -> None:
-        allowed = backends.choices()
-        if self.backend not in allowed:
-            raise ValueError(f"backend must be one of {', '.join(allowed)}; got {self.backend!r}")
+        object.__setattr__(self, "backend", backends.canonical(self.backend))  # 'XLA', ' xla ' -> 'xla'
         if not isinstance(self.verify, bool):
             raise TypeError(f"verify must be a bool; got {self.verify!r}")
 
     @property
     def cache_key(self) -> str:
         return f"flashpatch:{self.backend}:verify={int(self.verify)}"
-
-
-def current() -> Settings | None:
-    """The settings in force on the calling thread; None means flashpatch is off here (`switch.current`)."""
-    from flashpatch import switch  # imports JAX; this module must not, at import
-
-    return switch.current()
 
 
 def parse_flag(name: str, value: str) -> bool:
@@ -61,10 +52,11 @@ def from_env(environ: Mapping[str, str] | None = None) -> Settings | None:
     env = os.environ if environ is None else environ
     if not parse_flag("FLASHPATCH", env.get("FLASHPATCH", "")):
         return None
-    backend = env.get("FLASHPATCH_BACKEND", "auto").strip().lower() or "auto"
-    allowed = backends.choices()
-    if backend not in allowed:
+    try:
+        backend = backends.canonical(env.get("FLASHPATCH_BACKEND", "").strip() or "auto")
+    except ValueError:
+        allowed = ", ".join(backends.choices())
         raise ValueError(
-            f"environment variable FLASHPATCH_BACKEND must be one of {', '.join(allowed)}; got {backend!r}"
-        )
+            f"environment variable FLASHPATCH_BACKEND must be one of {allowed}; got {env['FLASHPATCH_BACKEND']!r}"
+        ) from None
     return Settings(backend=backend, verify=parse_flag("FLASHPATCH_VERIFY", env.get("FLASHPATCH_VERIFY", "")))

@@ -12,12 +12,11 @@ import contextlib
 import threading
 
 import jax
-import jax.numpy as jnp
 import pytest
 from patching import ZeroBackend, ran_patched, tiny_attention
 
 import flashpatch
-from flashpatch import backends, jit_cache
+from flashpatch import backends
 
 
 @pytest.fixture(scope="module")
@@ -113,39 +112,3 @@ def test_thread_follows_install_while_another_disables(attend) -> None:
     finally:
         flashpatch.uninstall()
     assert seen == {"follower": True, "main": False}
-
-
-# --- the mechanism, and which JAX offers which ---------------------------------------------------------
-
-
-# carrier_name's gate on fake jax modules: tests/test_jit_cache_carrier.py.
-
-
-def test_installed_jax_keys_its_caches_on_flashpatch() -> None:
-    """Fails on a JAX release that drops both hooks, or whose hook stops keying jit's cache."""
-    name = jit_cache.carrier_name()
-    assert name == ("user_context" if hasattr(jax, "make_user_context") else "xla_metadata")
-    traces: list[int] = []
-
-    @jax.jit
-    def f(x):
-        traces.append(1)
-        return x + 1
-
-    one = jnp.float32(1)
-    with jit_cache.keyed("flashpatch-test:a"):
-        f(one)
-    with jit_cache.keyed("flashpatch-test:a"):
-        f(one)
-    assert len(traces) == 1, f"JAX {jax.__version__} ({name}): the same key retraced"
-    with jit_cache.keyed("flashpatch-test:b"):
-        f(one)
-    assert len(traces) == 2, f"JAX {jax.__version__} ({name}): a new key did not retrace"
-
-    default = flashpatch.installed()
-    jit_cache.set_global_key("flashpatch-test:global")
-    try:
-        f(one)
-        assert len(traces) == 3, f"JAX {jax.__version__} ({name}): a new process-wide key did not retrace"
-    finally:
-        jit_cache.set_global_key(default.cache_key if default else None)

@@ -12,12 +12,12 @@ docs/benchmarks.md with its measurements.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
-import threading
 from collections.abc import Callable, Iterator
 
 from flashpatch import backends
-from flashpatch.backends.base import Problem
+from flashpatch.backends.base import ChainBackend, DenseBackend, Problem
 
 #: On CPU the einsum beats the blockwise path while the logits are small; past this many (query,
 #: key) pairs per head the blockwise path is chosen for its O(T) memory.
@@ -97,17 +97,16 @@ RULES: tuple[Rule, ...] = (
         lambda p: p.pairs >= GPU_MIN_PAIRS_FOR_SPLIT,
         ("flash",),
         "FlashAttention's kernels on openpi's masks, without a dense mask or sorted queries: the fastest path "
-        "measured from 3 * 2**25 (query, key) pairs, pi0's, pi0.5's and pi0-FAST's training included; below, it "
-        "lost to the einsum at B=8, T=768 (0.84x) "
-        f"({_BENCH}, 'FlashAttention')",
+        "measured from 3 * 2**25 (query, key) pairs, pi0's, pi0.5's and pi0-FAST's training included; below that "
+        f"it lost to the einsum ({_BENCH}, 'FlashAttention')",
     ),
     Rule(
         "gpu",
         lambda p: p.causal_runs and p.q_len <= GPU_MAX_CAUSAL_LEN_FOR_CUDNN,
         ("cudnn",),
         "a causal suffix (pi0-FAST) up to T=1024: cuDNN with the dense mask beat the einsum on pi0-FAST's attention "
-        "at B=32, T=1018 (1.23x / 1.09x forward / forward+backward); cudnn_split, whose tail such a suffix overflows, "
-        f"lost to it (0.81x / 0.75x) ({_BENCH}, 'FlashAttention')",
+        "at its training shape, forward and backward; cudnn_split, whose tail such a suffix overflows, lost to it "
+        f"({_BENCH}, 'FlashAttention')",
     ),
     Rule(
         "gpu",
@@ -151,6 +150,28 @@ RULES: tuple[Rule, ...] = (
 )
 
 
+def exact_fallback(problem: Problem) -> DenseBackend:
+    """The exact dense backend a chain backend hands the masks it refuses: never slower than openpi's own.
+
+    cuDNN's dense-mask path where it runs the problem (Hopper with cuDNN 9.5+ at head_dim 256); else openpi's
+    own attention, unless its logits would not fit the GPU, where only the blockwise `xla` path (memory O(T))
+    trains at all.
+    """
+    from flashpatch.backends import cudnn, reference, xla
+
+    dense = cudnn.CudnnBackend(use_seq_lengths=False)
+    if dense.unsupported(problem) is None:
+        return dense
+    if einsum_would_not_fit(problem):
+        return xla.XlaBackend()
+    return reference.ReferenceBackend()
+
+
+def fallback_for(backend: ChainBackend, problem: Problem) -> DenseBackend:
+    """What runs, in the graph, where `backend` refuses a mask: its own `fallback`, else `exact_fallback`."""
+    return backend.fallback if backend.fallback is not None else exact_fallback(problem)
+
+
 def _auto(problem: Problem) -> Choice:
     skipped = []
     for rule in RULES:
@@ -173,6 +194,8 @@ def choose(asked: str, problem: Problem) -> Choice:
     """Resolve `asked` ('auto' or a backend name) for `problem`, falling back where it cannot run."""
     if problem.kv_len == 0:
         choice = Choice(backends.REFERENCE, "no keys at all (S = 0): openpi's own attention, which gives zeros")
+    elif 0 in (problem.batch, problem.q_len, problem.num_heads, problem.head_dim):
+        choice = Choice(backends.REFERENCE, "an empty batch, query, head or head-dim axis: nothing to compute")
     elif asked == "auto":
         choice = _auto(problem)
     elif asked == backends.REFERENCE:
@@ -185,25 +208,26 @@ def choose(asked: str, problem: Problem) -> Choice:
             choice = Choice(
                 backends.REFERENCE, f"{asked} cannot run this call ({reason}); openpi's own attention runs", True
             )
-    for seen in getattr(_recorders, "active", ()):
+    for seen in _recorders.get():
         seen.append(choice)
     return choice
 
 
-_recorders = threading.local()
+_recorders: contextvars.ContextVar[tuple[list[Choice], ...]] = contextvars.ContextVar(
+    "flashpatch_recorders", default=()
+)
 
 
 @contextlib.contextmanager
 def recording() -> Iterator[list[Choice]]:
-    """Collect the choices made in this thread inside the block (at trace time: a cached jit makes none).
+    """Collect the choices made in this thread or task inside the block (at trace time: a cached jit makes none).
 
     The benchmark reports with it which backend really ran a case, and why; the conformance kit checks with it
     that the backend under test ran, not openpi's own attention in its place.
     """
     seen: list[Choice] = []
-    active = getattr(_recorders, "active", ())
-    _recorders.active = (*active, seen)
+    token = _recorders.set((*_recorders.get(), seen))
     try:
         yield seen
     finally:
-        _recorders.active = active
+        _recorders.reset(token)

@@ -1,9 +1,10 @@
 """@flashpatch.patch and patch_model: models that run their attention through flashpatch wherever they go.
 
 A patched linen module carries, on the instance, its own linen entry points (init, apply, ...), each run
-inside an ON frame of its settings, and its own `clone`, which patches what it returns. They are small
-top-level classes rather than closures, so the model pickles, and flax's `clone` (which copies dataclass
-fields, not instance attributes) and `copy` hand back patched modules as well.
+inside an ON frame of its settings (unless the caller's own enable()/disable() block is open), and its own
+`clone`, which patches what it returns. They are small top-level classes rather than closures, so the model
+pickles, and flax's `clone` (which copies dataclass fields, not instance attributes) and `copy` hand back
+patched modules as well.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from typing import Any, TypeVar, overload
 
 import flax.linen as nn
 
-from flashpatch import switch
-from flashpatch.settings import Settings
+from flashpatch.switch import interception, state
+from flashpatch.switch.settings import Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+interception.ensure_listening()  # a patched model's frame binds the targets like any block
 
 #: linen's entry points, patched where the class does not redefine them (openpi's Gemma has its own
 #: `init`, which calls linen's).
@@ -25,14 +28,21 @@ LINEN_ENTRY_POINTS = ("init", "init_with_output", "apply", "lazy_init")
 
 
 class PatchedEntry:
-    """One linen entry point of one patched module: the class's method, run inside an ON frame."""
+    """One linen entry point of one patched module: the class's method, run inside an ON frame of its settings.
+
+    Unless an enable() or disable() block of the caller's is open: the caller's explicit choice for this call
+    wins over the model's standing one (`with flashpatch.disable(): model.apply(...)` runs the original).
+    """
 
     def __init__(self, module: nn.Module, name: str, settings: Settings) -> None:
         self.module, self.name, self.settings = module, name, settings
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with switch.entered(self.settings):
-            return getattr(type(self.module), self.name)(self.module, *args, **kwargs)
+        method = getattr(type(self.module), self.name)
+        if state.in_block():
+            return method(self.module, *args, **kwargs)
+        with state.entered(self.settings, source=state.Source.MODEL):
+            return method(self.module, *args, **kwargs)
 
     @property
     def __name__(self) -> str:
@@ -69,8 +79,9 @@ def patch(factory: Callable[..., Any] | None = None, *, backend: str = "auto", v
     """Decorate a model factory: every model it returns runs its attention through flashpatch.
 
     The factory may return a Flax linen module or an NNX object holding linen modules (openpi's
-    Pi0 wraps its Gemma through `nnx.bridge.ToNNX`). Their `init`/`apply` run inside `enable()`;
-    the linen module objects survive `nnx.split`/`nnx.merge`, pickling and `clone`, so the patch does too.
+    Pi0 wraps its Gemma through `nnx.bridge.ToNNX`). Their `init`/`apply` run patched with these settings,
+    except inside an enable() or disable() block of the caller's, whose choice wins for that call; the
+    linen module objects survive `nnx.split`/`nnx.merge`, pickling and `clone`, so the patch does too.
     """
     chosen = Settings(backend=backend, verify=verify)
     if factory is not None and not callable(factory):

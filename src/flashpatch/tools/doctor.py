@@ -9,10 +9,11 @@ import platform
 import sys
 from typing import TYPE_CHECKING
 
-from flashpatch import backends, cli
+from flashpatch import backends
+from flashpatch.tools import args as cli_args
 
 if TYPE_CHECKING:
-    from flashpatch.settings import Settings
+    from flashpatch.switch.settings import Settings
 
 #: What flashpatch runs on or can use (kvax and its Triton stack: the kvax backend).
 PACKAGES = ("flashpatch", "jax", "jaxlib", "flax", "wrapt", "numpy", "kvax", "jax-triton", "triton")
@@ -54,7 +55,7 @@ def problem_from(args: argparse.Namespace):
 
 def _environment() -> tuple[str, Settings | None, str | None]:
     """What the FLASHPATCH* variables ask for: (a line for the report, the settings or None, the error or None)."""
-    from flashpatch import settings
+    from flashpatch.switch import settings
 
     try:
         env = settings.from_env()
@@ -72,7 +73,9 @@ def report(args: argparse.Namespace) -> str:
     """The report for `args`; `args.backend` None: the backend the environment names, else auto."""
     import jax
 
-    from flashpatch import jit_cache, selection, targets, versions
+    from flashpatch import targets, versions
+    from flashpatch.core import selection
+    from flashpatch.switch import jit_key as jit_cache
 
     lines = ["flashpatch doctor", "", "versions:"]
     lines += [f"  python {platform.python_version()} ({sys.executable})"]
@@ -98,7 +101,7 @@ def report(args: argparse.Namespace) -> str:
             reason = backends.get(name).unsupported(problem)
         except Exception as err:  # a plugin backend that cannot even be built
             reason = f"could not be loaded ({type(err).__name__}: {err})"
-        lines.append(f"  {name}: {'can run it' if reason is None else 'cannot: ' + reason}")
+        lines.append(f"  {name}: {'can run it' if reason is None else 'cannot run it here: ' + reason}")
     if args.backend is not None:
         asked, label = args.backend, args.backend
     elif env is not None:  # what FLASHPATCH=1 will run: the variable's backend, not auto's choice
@@ -117,29 +120,35 @@ def report(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     prog = "python -m flashpatch doctor"
-    parser = cli.Parser(prog=prog, description=__doc__)
+    parser = cli_args.Parser(prog=prog, description=__doc__)
     parser.add_argument(
         "--backend",
-        type=cli.one_of(backends.choices, "--backend"),
+        type=cli_args.one_of(backends.choices, "--backend"),
         help=f"what to resolve for the shape: {', '.join(backends.choices())} "
         "(default: FLASHPATCH_BACKEND where FLASHPATCH=1, else auto)",
     )
-    parser.add_argument("--batch", type=cli.positive_int, default=1)
-    parser.add_argument("--q-len", type=cli.positive_int, default=867, help="query length (openpi pi0: about 867)")
-    parser.add_argument("--kv-len", type=cli.positive_int, default=867)
-    parser.add_argument("--heads", type=cli.positive_int, default=8)
-    parser.add_argument("--kv-heads", type=cli.positive_int, default=1)
-    parser.add_argument("--head-dim", type=cli.positive_int, default=256)
-    parser.add_argument("--dtype", default="bfloat16", type=cli.one_of(DTYPES, "--dtype"), help=", ".join(DTYPES))
+    positive = cli_args.positive_int
+    parser.add_argument("--batch", type=positive, default=1, help="batch size B of the attention call (default 1)")
+    parser.add_argument("--q-len", type=positive, default=867, help="query length T (default 867, openpi pi0's)")
+    parser.add_argument("--kv-len", type=positive, default=867, help="key length S (default 867; T + cache in decode)")
+    parser.add_argument("--heads", type=positive, default=8, help="query heads N (default 8, Gemma 2B's)")
+    parser.add_argument("--kv-heads", type=positive, default=1, help="key/value heads K, dividing N (default 1)")
+    parser.add_argument("--head-dim", type=positive, default=256, help="head dim H (default 256, Gemma's)")
+    parser.add_argument(
+        "--dtype",
+        default="bfloat16",
+        type=cli_args.one_of(DTYPES, "--dtype"),
+        help=f"dtype of q, k and v: {', '.join(DTYPES)} (default bfloat16, openpi's training dtype)",
+    )
     args = parser.parse_args(argv)
     if args.heads % args.kv_heads:
-        cli.fail(prog, f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
+        cli_args.fail(prog, f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
     print(report(args), flush=True)
     error = _environment()[2]
     if error is not None:
-        cli.fail(prog, f"{error}; fix the variable (flashpatch stays off until it is)")
+        cli_args.fail(prog, f"{error}; fix the variable (flashpatch stays off until it is)")
     return 0
 
 
-if __name__ == "__main__":  # `python -m flashpatch.doctor` is `python -m flashpatch doctor`
+if __name__ == "__main__":  # `python -m flashpatch.tools.doctor` is `python -m flashpatch doctor`
     raise SystemExit(main())

@@ -1,7 +1,5 @@
-"""What flashpatch's command lines share: a parser whose usage errors are one line and exit 2.
-
-Run as a program (`python -m flashpatch.cli ...`), it is `python -m flashpatch ...`, the command line.
-"""
+"""argparse helpers flashpatch's command lines share: a parser whose usage errors are one line and exit 2,
+and argument types that say what they expect."""
 
 from __future__ import annotations
 
@@ -59,10 +57,11 @@ def one_of(allowed: Sequence[str] | Callable[[], Sequence[str]], what: str) -> C
 
     def check(text: str) -> str:
         choices = allowed() if callable(allowed) else allowed
-        value = text.strip()
-        if value not in choices:
-            raise argparse.ArgumentTypeError(f"must be one of {', '.join(choices)}; got {text!r}")
-        return value
+        value = text.strip().lower()
+        for choice in choices:  # any case, surrounding spaces ignored, as everywhere flashpatch takes a name
+            if choice.lower() == value:
+                return choice
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(choices)}; got {text!r}")
 
     check.__name__ = what
     return check
@@ -72,8 +71,10 @@ def names_from(allowed: Callable[[], Sequence[str]], what: str) -> Callable[[str
     """An argparse type for a comma list, each item one of `allowed()`."""
 
     def check(text: str) -> tuple[str, ...]:
-        names = tuple(part.strip() for part in text.split(",") if part.strip())
         choices = allowed()
+        by_lower = {choice.lower(): choice for choice in choices}
+        given = [part.strip() for part in text.split(",") if part.strip()]
+        names = tuple(by_lower.get(part.lower(), part) for part in given)
         unknown = [n for n in names if n not in choices]
         if not names or unknown:
             got = ", ".join(unknown) if unknown else repr(text)
@@ -82,9 +83,3 @@ def names_from(allowed: Callable[[], Sequence[str]], what: str) -> Callable[[str
 
     check.__name__ = what
     return check
-
-
-if __name__ == "__main__":
-    from flashpatch.__main__ import main
-
-    raise SystemExit(main(sys.argv[1:]))

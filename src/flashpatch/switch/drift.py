@@ -13,10 +13,11 @@ from typing import Any
 
 import jax
 
-from flashpatch import core, switch
 from flashpatch.backends.reference import reference_attention
-from flashpatch.settings import Settings
-from flashpatch.switch import Mode
+from flashpatch.core.attention import check_inputs
+from flashpatch.switch import state
+from flashpatch.switch.settings import Settings
+from flashpatch.switch.state import Mode, Source
 from flashpatch.targets.base import Target
 
 _layouts: dict[tuple, str | None] = {}
@@ -25,7 +26,7 @@ _layouts: dict[tuple, str | None] = {}
 def layout_drift(target: Target, instance: Any, args: tuple, kwargs: dict, settings: Settings) -> str | None:
     """Where the replacement's variables or outputs differ from the original's, or None.
 
-    The two passes run in frames of their own on this thread's stack (modes TRACE_ORIGINAL and
+    The two passes run in frames of their own on this context's stack (modes TRACE_ORIGINAL and
     TRACE_REPLACEMENT), which tell the gate what to do and key any jit inside them apart.
     """
     leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
@@ -57,9 +58,9 @@ def layout_drift(target: Target, instance: Any, args: tuple, kwargs: dict, setti
 
         return jax.eval_shape(init, *dynamic)
 
-    with switch.entered(settings, Mode.TRACE_ORIGINAL):
+    with state.entered(settings, Mode.TRACE_ORIGINAL, Source.GUARD):
         original = abstract_init()
-    with switch.entered(settings, Mode.TRACE_REPLACEMENT):
+    with state.entered(settings, Mode.TRACE_REPLACEMENT, Source.GUARD):
         replaced = abstract_init()
     _layouts[key] = reason = compare(original, replaced)
     return reason
@@ -72,7 +73,7 @@ def shape_only_core(
 
     Only shapes and dtypes come out of that pass, so no platform or backend is asked about.
     """
-    core.check_inputs(q, k, v, attn_mask)
+    check_inputs(q, k, v, attn_mask)
     return reference_attention(q, k, v, attn_mask[:, 0], q.dtype if probs_dtype is None else probs_dtype)
 
 

@@ -1,4 +1,8 @@
-"""The attention core that patched modules call: checks, backend choice, openpi's edge cases."""
+"""The attention core that patched modules call: checks, backend choice, openpi's edge cases.
+
+It is told which backend to use (`backend`, 'auto' or a name) and whether to verify; it reads no switch
+state. `flashpatch.attention`, the public face, resolves those from the enclosing block.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +10,21 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from flashpatch import backends, diagnostics, masks, selection, verify
+from flashpatch import backends, diagnostics
+from flashpatch.backends import masks
 from flashpatch.backends.base import Backend, ChainBackend, DenseBackend, Problem
 from flashpatch.backends.reference import reference_attention
-from flashpatch.settings import Settings
-from flashpatch.settings import current as current_settings
+from flashpatch.core import selection
+from flashpatch.core import verify as verify_mode
 
 
 def check_inputs(q: jax.Array, k: jax.Array, v: jax.Array, attn_mask: jax.Array) -> None:
     """Raise a clear error naming the argument that does not fit openpi's layout."""
+    for name, x in (("q", q), ("k", k), ("v", v), ("attn_mask", attn_mask)):
+        if not (hasattr(x, "shape") and hasattr(x, "dtype") and hasattr(x, "ndim")):
+            raise TypeError(
+                f"{name} must be a JAX or NumPy array; got {type(x).__name__} (wrap it: jnp.asarray({name}))"
+            )
     if q.ndim != 4:
         raise ValueError(f"q must be (B, T, N, H); got shape {q.shape}")
     b, t, n, h = q.shape
@@ -52,24 +62,11 @@ def _platform() -> str:
     return jax.default_backend()
 
 
-def check_dtypes(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
-    """Raise a clear error for q, k or v that is not floating point (openpi's are bf16 or float32)."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise TypeError(f"{name} must be a floating-point array (bfloat16, float16 or float32); got {x.dtype}")
-
-
-def _resolve(settings: Settings | str | None) -> Settings:
-    """The settings a call runs under: those passed, else this thread's (an enclosing enable()), else auto."""
-    if settings is None:
-        return current_settings() or Settings()
-    if isinstance(settings, str):
-        return Settings(backend=settings)
-    if not isinstance(settings, Settings):
-        raise TypeError(
-            f"settings must be a flashpatch.Settings or a backend name such as 'auto'; got {type(settings).__name__}"
-        )
-    return settings
+def check_dtypes(q: jax.Array, k: jax.Array, v: jax.Array, probs_dtype) -> None:
+    """Raise a clear error for q, k, v or probs_dtype that is not floating point (openpi's are bf16 or float32)."""
+    for name, dtype in (("q", q.dtype), ("k", k.dtype), ("v", v.dtype), ("probs_dtype", probs_dtype)):
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(f"{name} must be floating point (bfloat16, float16 or float32); got {jnp.dtype(dtype)}")
 
 
 def attention(
@@ -78,48 +75,48 @@ def attention(
     v: jax.Array,
     attn_mask: jax.Array,
     *,
+    backend: str,
+    verify: bool = False,
     probs_dtype=None,
-    settings: Settings | str | None = None,
     site: str = "flashpatch.attention",
     causal_runs: bool = True,
 ) -> jax.Array:
-    """softmax(q k^T, masked) v with openpi's semantics, through the chosen backend.
+    """softmax(q k^T, masked) v with openpi's semantics, through `backend` ('auto' or a registered name).
 
     q: (B, T, N, H), already scaled by head_dim**-0.5 as openpi does; k, v: (B, S, K, H);
     attn_mask: (B, 1, T, S) bool. `probs_dtype` is the dtype openpi casts the softmax to (default:
-    q's dtype). `settings` (a Settings or a backend name) defaults to those of the enclosing
-    `enable()` block, else `auto`. `causal_runs=False` promises that no run of several rows in the
-    mask is causal (pi0's and pi0.5's masks; pi0-FAST's suffix is one), which some backends use.
+    q's dtype). `verify` also runs openpi's attention and logs the difference (verify mode).
+    `causal_runs=False` promises that no run of several rows in the mask is causal (pi0's and pi0.5's masks;
+    pi0-FAST's suffix is one), which some backends use.
     Returns (B, T, N, H) in result_type(probs_dtype, v.dtype), as openpi does.
     """
     check_inputs(q, k, v, attn_mask)
-    check_dtypes(q, k, v)
-    settings = _resolve(settings)
     probs_dtype = jnp.dtype(probs_dtype if probs_dtype is not None else q.dtype)
+    check_dtypes(q, k, v, probs_dtype)
     problem = Problem.of(q, k, v, probs_dtype, _platform(), causal_runs)
-    choice = selection.choose(settings.backend, problem)
+    choice = selection.choose(backend, problem)
     if choice.fallback:
-        diagnostics.warn_once(("fallback", site, settings.backend, problem), f"{site}: {choice.reason}")
+        diagnostics.warn_once(("fallback", site, backend, problem), f"{site}: {choice.reason}")
     diagnostics.info_once(("backend", site, choice.backend), f"{site} -> {choice.backend} ({choice.reason})")
 
     mask = attn_mask[:, 0]
     if choice.backend == backends.REFERENCE:
         out = reference_attention(q, k, v, mask, probs_dtype)
     else:
-        out = _flash(q, k, v, mask, backends.get(choice.backend), problem)
+        out = _run(q, k, v, mask, backends.get(choice.backend), problem)
 
-    if settings.verify:
-        verify.report(site, choice.backend, out, reference_attention(q, k, v, mask, probs_dtype))
+    if verify:
+        verify_mode.report(site, choice.backend, out, reference_attention(q, k, v, mask, probs_dtype))
     return out
 
 
-def _flash(q, k, v, mask, backend: Backend, problem: Problem) -> jax.Array:
+def _run(q, k, v, mask, backend: Backend, problem: Problem) -> jax.Array:
     """A backend's output with openpi's value in the rows that attend no key."""
     if isinstance(backend, ChainBackend):
         plan = masks.analyze(mask)
         has_keys = plan.rank > 0
         accepted = backend.accepts(plan, problem)
-        fallback_backend = backend.fallback_for(problem)
+        fallback_backend = selection.fallback_for(backend, problem)
         # The fallback is rematerialised: otherwise its residuals, zeros when it does not run, are
         # written by the conditional on every training step.
         fallback = jax.checkpoint(fallback_backend.attend, static_argnums=(4,))
@@ -131,10 +128,9 @@ def _flash(q, k, v, mask, backend: Backend, problem: Problem) -> jax.Array:
         def skipped() -> jax.Array:
             return jnp.zeros(q.shape, problem.out_dtype)
 
-        # The fallback's conditional comes first and the fast path after it, outside it (inside one,
-        # cudnn_split's fwd+bwd took 5.54 ms on the H100 where the same computation alone took 3.07;
-        # B=32, T=870). The host reads a conditional's predicate before it launches a branch, so a
-        # conditional placed after the fast path waits for all of it: 0.13-0.27 ms more per call.
+        # The fallback's conditional comes first and the fast path after it, outside it: a fast path inside
+        # the conditional ran slower than alone, and a conditional placed after the fast path makes the host
+        # wait for all of it before it reads the predicate (benchmarks/history/training-speed.md, "How").
         fallback_out = lax.cond(accepted, skipped, fallback_and_warn)
         fast = backend.attend(*_after((q, k, v), fallback_out), mask, plan, problem)
         out = jnp.where(accepted, fast, fallback_out)
@@ -166,8 +162,8 @@ def _warn_fallback_ran(backend: ChainBackend, fallback: DenseBackend) -> None:
     """Warn once, at run time, from inside the fallback branch, that a mask failed the structure check.
 
     The callback takes no operands, so flax's nn.scan (openpi's layer stack) accepts it although
-    the branch reads the activations; and it adds no conditional of its own (a second one cost
-    0.17 ms per call on the H100, forward, B=2 T=4096).
+    the branch reads the activations; and it adds no conditional of its own, which cost time per call
+    (benchmarks/history/training-speed.md, "How").
     """
 
     def say() -> None:

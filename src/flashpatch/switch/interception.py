@@ -1,15 +1,15 @@
 """Swap each target class's `__call__` for a gate while flashpatch is in use anywhere.
 
-The gate reads the calling thread's frame (`switch.top()`, one thread-local read) and does what its
-mode says: OFF and TRACE_ORIGINAL call the original at once; ON and TRACE_REPLACEMENT run the original
-under a Flax method interceptor (`flax.linen.intercept_methods`), so that the replacement runs inside
-the module's own compact context and creates its submodules and parameters exactly where the original
-would. ON goes through the drift guard and the attention core; TRACE_REPLACEMENT is the drift guard's own
-abstract pass, with its shape-only core.
+The gate reads the frame in force (`state.top()`, one context-variable read) and does what its mode says:
+OFF and TRACE_ORIGINAL call the original at once; ON and TRACE_REPLACEMENT run the original under a Flax
+method interceptor (`flax.linen.intercept_methods`), so that the replacement runs inside the module's own
+compact context and creates its submodules and parameters exactly where the original would. ON goes through
+the drift guard and the attention core; TRACE_REPLACEMENT is the drift guard's own abstract pass, with its
+shape-only core.
 
-Targets bind lazily: a wrapt post-import hook binds a target when its module is imported, so
-flashpatch can be enabled before or after openpi is imported. When the last user lets go, every
-class gets its original `__call__` back.
+Targets bind lazily: a wrapt post-import hook binds a target when its module is imported, so flashpatch can
+be enabled before or after openpi is imported. The switch tells this module (a listener, `ensure_listening`)
+when the first holder arrives and when the last leaves; then every class gets its original `__call__` back.
 """
 
 from __future__ import annotations
@@ -26,34 +26,37 @@ from typing import Any
 import flax.linen as nn
 import wrapt
 
-from flashpatch import core, diagnostics, drift, switch, targets, verify
-from flashpatch.switch import Frame, Mode
+from flashpatch import diagnostics, targets
+from flashpatch.core import attention as core
+from flashpatch.core import verify
+from flashpatch.switch import drift, state
+from flashpatch.switch.state import Frame, Mode
 from flashpatch.targets.base import Target
 
 _lock = threading.RLock()
-_users = 0
+_active = False
 _bound: dict[Target, tuple[type, Callable[..., Any]]] = {}
 _hooked: set[str] = set()
+_listening = False
 
 
-def acquire() -> None:
-    """One more user (a frame that is not OFF, or a process default): bind targets on the first."""
-    global _users
+def ensure_listening() -> None:
+    """Register with the switch (once): bind the targets while anything holds them."""
+    global _listening
     with _lock:
-        _users += 1
-        if _users == 1:
+        if not _listening:
+            _listening = True
+            state.add_listener(_on_hold_change)
+
+
+def _on_hold_change(held: bool) -> None:
+    global _active
+    with _lock:
+        _active = held
+        if held:
             for target in targets.all_targets():
                 _watch(target)
-
-
-def release() -> None:
-    """One user fewer: on the last, give every patched class its original `__call__` back."""
-    global _users
-    with _lock:
-        if _users == 0:
-            raise RuntimeError("flashpatch: release() without acquire()")
-        _users -= 1
-        if _users == 0:
+        else:
             for cls, original in _bound.values():
                 type.__setattr__(cls, "__call__", original)
             _bound.clear()
@@ -75,7 +78,7 @@ def _watch(target: Target) -> None:
 
 def _on_new_target(target: Target) -> None:
     with _lock:
-        if _users:
+        if _active:
             _watch(target)
 
 
@@ -84,7 +87,7 @@ targets.on_register(_on_new_target)
 
 def _on_import(module: types.ModuleType) -> None:
     with _lock:
-        if not _users:
+        if not _active:
             return
         for target in targets.all_targets():
             if target.module == module.__name__:
@@ -117,8 +120,11 @@ def _gate(target: Target, original: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(original, updated=())
     def flashpatch_gate(self, *args, **kwargs):
-        frame = switch.top()
-        if frame.mode is Mode.OFF or frame.mode is Mode.TRACE_ORIGINAL:
+        frame = state.top()
+        if frame.mode is Mode.TRACE_ORIGINAL:
+            return original(self, *args, **kwargs)
+        _check_jit_key(target)
+        if frame.mode is Mode.OFF:
             return original(self, *args, **kwargs)
         interceptor = functools.partial(_intercept, target, signature, self, frame)
         with nn.intercept_methods(interceptor):
@@ -126,6 +132,20 @@ def _gate(target: Target, original: Callable[..., Any]) -> Callable[..., Any]:
 
     flashpatch_gate.__flashpatch_original__ = original
     return flashpatch_gate
+
+
+def _check_jit_key(target: Target) -> None:
+    """Warn once where this call is traced under a JAX cache key that another thread's or task's block set."""
+    mismatch = state.key_mismatch()
+    if mismatch is not None:
+        diagnostics.warn_once(
+            ("jit-key", target.site),
+            f"{target.site} runs in an asyncio task while a block of another task holds this thread's JAX cache "
+            f"key ({mismatch}). JAX keys its compile caches per thread, so the two tasks may reuse each other's "
+            "compiled functions; this call follows its own task's blocks. Decorate the coroutine with "
+            "@flashpatch.enable(...) (it covers each resumption only), or keep `await` out of "
+            "`with flashpatch.enable()` blocks",
+        )
 
 
 def _intercept(target, signature, instance, frame: Frame, next_fun, args, kwargs, context):
@@ -153,5 +173,5 @@ def _intercept(target, signature, instance, frame: Frame, next_fun, args, kwargs
             "(flax rejects callbacks in a scanned body); the patched calls run without the comparison.",
         )
         active = dataclasses.replace(active, verify=False)
-    attend = functools.partial(core.attention, settings=active, site=target.site)
+    attend = functools.partial(core.attention, backend=active.backend, verify=active.verify, site=target.site)
     return target.adapter.forward(instance, arguments, attend)
