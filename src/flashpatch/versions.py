@@ -8,8 +8,10 @@ parses and compares, so the kvax backend and `doctor` decide what fits before to
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib.metadata
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
@@ -27,12 +29,32 @@ def parse(text: str) -> Version:
         raise ValueError(f"version must look like '0.5.3', '3.2.0rc1' or '2.7.1+cu126'; got {text!r}") from None
 
 
+_simulated: contextvars.ContextVar[Mapping[str, str | None] | None] = contextvars.ContextVar(
+    "flashpatch_versions", default=None
+)
+
+
+@contextlib.contextmanager
+def simulated(found: Mapping[str, str | None]) -> Iterator[None]:
+    """Within the block (this thread or task), `installed` reports these versions (None: not installed) for the
+    names given, and the real ones for the rest: CPU tests of what another stack would decide."""
+    token = _simulated.set({**(_simulated.get() or {}), **{name.lower(): value for name, value in found.items()}})
+    try:
+        yield
+    finally:
+        _simulated.reset(token)
+
+
 def installed(distribution: str, lookup: Lookup | None = None) -> Version | None:
     """The installed version of `distribution` (its PyPI name, e.g. 'jax-triton'), or None.
 
     `lookup` maps a name to a version string and raises PackageNotFoundError for a missing one
-    (default: importlib.metadata.version); tests pass fake ones.
+    (default: importlib.metadata.version, or what `simulated` says); tests pass fake ones.
     """
+    pretend = _simulated.get() or {}
+    if lookup is None and distribution.lower() in pretend:
+        value = pretend[distribution.lower()]
+        return None if value is None else parse(value)
     try:
         text = (lookup or importlib.metadata.version)(distribution)
     except importlib.metadata.PackageNotFoundError:

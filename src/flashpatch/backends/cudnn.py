@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from flashpatch.backends import machine
 from flashpatch.backends.base import DenseBackend, Problem
 
 #: JAX's own cuDNN attention tests require cuDNN 8.9.4 and an Ampere (sm80) or newer GPU.
@@ -43,28 +44,14 @@ LARGE_HEAD_DIM_MIN_CUDNN = 90500
 
 
 def cudnn_version() -> int | None:
-    """The cuDNN JAX has loaded, as cuDNN numbers it (90501 for 9.5.1, 8904 for 8.9.4); None without one."""
-    try:
-        from jax._src.lib import cuda_versions  # where JAX's own cuDNN attention reads it (0.5 to 0.10 at least)
-    except ImportError:
-        return None
-    return None if cuda_versions is None else int(cuda_versions.cudnn_get_version())
+    """The cuDNN JAX has loaded (90501 for 9.5.1); None without one (`machine.cudnn_version`)."""
+    return machine.cudnn_version()
 
 
 def compute_capability() -> tuple[int, int] | None:
-    """(major, minor) of the default device if it is an NVIDIA GPU under CUDA; None otherwise (ROCm, CPU)."""
-    device = jax.devices()[0]
-    if "cuda" not in device.client.platform_version.lower():
-        return None
-    major, minor = str(device.compute_capability).split(".")[:2]
-    return int(major), int(minor)
-
-
-def _version_text(version: int) -> str:
-    """cuDNN 9 numbers versions major*10000 + minor*100 + patch; cuDNN 8 used major*1000 + minor*100 + patch."""
-    if version >= 90000:
-        return f"{version // 10000}.{version // 100 % 100}.{version % 100}"
-    return f"{version // 1000}.{version // 100 % 10}.{version % 100}"
+    """(major, minor) of the default device if it is an NVIDIA GPU under CUDA; None otherwise (`machine.gpu`)."""
+    found = machine.gpu()
+    return None if found is None else found.capability
 
 
 def shape_limits(problem: Problem) -> str | None:
@@ -92,15 +79,15 @@ def hardware_limits(head_dim: int, version: int | None, capability: tuple[int, i
         least = f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}"
         return f"cuDNN flash attention needs compute capability {least} or newer; this GPU has {gpu}"
     if version < MIN_CUDNN_VERSION:
-        least = _version_text(MIN_CUDNN_VERSION)
-        return f"cuDNN flash attention needs cuDNN {least} or newer; JAX loaded {_version_text(version)}"
+        least = machine.cudnn_text(MIN_CUDNN_VERSION)
+        return f"cuDNN flash attention needs cuDNN {least} or newer; JAX loaded {machine.cudnn_text(version)}"
     if head_dim > MAX_HEAD_DIM:
         if capability < HOPPER:
             return f"cuDNN takes head dim {head_dim} (> {MAX_HEAD_DIM}) only on Hopper or newer; this GPU has {gpu}"
         if version < LARGE_HEAD_DIM_MIN_CUDNN:
             return (
                 f"cuDNN takes head dim {head_dim} (> {MAX_HEAD_DIM}) only with cuDNN "
-                f"{_version_text(LARGE_HEAD_DIM_MIN_CUDNN)} or newer; JAX loaded {_version_text(version)}"
+                f"{machine.cudnn_text(LARGE_HEAD_DIM_MIN_CUDNN)} or newer; JAX loaded {machine.cudnn_text(version)}"
             )
     return None
 
