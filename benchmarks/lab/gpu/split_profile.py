@@ -34,7 +34,7 @@ from common import environment, log, medians_in_rounds, openpi_mask, qkv, write
 
 import flashpatch
 from flashpatch import backends
-from flashpatch.core import attention as core
+from flashpatch.core import run as core
 from flashpatch.core import selection
 from flashpatch.backends import masks
 from flashpatch.backends import cudnn_split
@@ -257,7 +257,7 @@ def main() -> None:
         mask = jnp.asarray(openpi_mask(batch, length))[:, None]
         sets = [(*qkv(batch, length, length, seed=s), mask) for s in (0, 1)]
         cot = jax.random.normal(jax.random.PRNGKey(2), sets[0][0].shape, jnp.float32)
-        problem = Problem.of(*sets[0][:3], jnp.bfloat16, core._platform())  # "cpu": kernels interpreted
+        problem = Problem.of(*sets[0][:3], jnp.bfloat16, jax.default_backend())  # "cpu": kernels interpreted
         chosen = variants(problem)
         if args.variants:
             unknown = set(args.variants.split(",")) - set(chosen)

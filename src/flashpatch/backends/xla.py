@@ -96,25 +96,25 @@ def _backward(q5, k, v, mask, out, lse, dout, block, probs_dtype):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _flash(q5, k, v, mask, block, probs_dtype):
+def _blockwise(q5, k, v, mask, block, probs_dtype):
     out, _ = _forward(q5, k, v, mask, block, probs_dtype)
     return out
 
 
-def _flash_fwd(q5, k, v, mask, block, probs_dtype):
+def _blockwise_fwd(q5, k, v, mask, block, probs_dtype):
     out, lse = _forward(q5, k, v, mask, block, probs_dtype)
     out_t = jnp.moveaxis(out, 3, 1)  # (B, T, K, G, H), the layout dout arrives in
     return out, (q5, k, v, mask, out_t, lse)
 
 
-def _flash_bwd(block, probs_dtype, residuals, dout):
+def _blockwise_bwd(block, probs_dtype, residuals, dout):
     q5, k, v, mask, out_t, lse = residuals
     dout_t = jnp.moveaxis(dout, 3, 1).astype(q5.dtype)
     dq, dk, dv = _backward(q5, k, v, mask, out_t, lse, dout_t, block, probs_dtype)
     return dq, dk, dv, None
 
 
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
 def flash_attention_xla(q, k, v, mask, probs_dtype, block: int = DEFAULT_BLOCK) -> jax.Array:
@@ -126,7 +126,7 @@ def flash_attention_xla(q, k, v, mask, probs_dtype, block: int = DEFAULT_BLOCK) 
         return jnp.zeros((b, t, n, h), out_dtype)
     block = min(block, k.shape[1])
     q5 = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    out = _flash(q5, k, v, mask, block, jnp.dtype(probs_dtype))  # (B, K, G, T, H) float32
+    out = _blockwise(q5, k, v, mask, block, jnp.dtype(probs_dtype))  # (B, K, G, T, H) float32
     return jnp.moveaxis(out, 3, 1).reshape(b, t, n, h).astype(out_dtype)
 
 

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from flashpatch import backends, diagnostics
-from flashpatch.backends import masks
-from flashpatch.backends.base import Backend, ChainBackend, DenseBackend, Problem
+from flashpatch.backends.base import Problem
 from flashpatch.backends.reference import reference_attention
-from flashpatch.core import selection
+from flashpatch.core import guard, run, selection
 from flashpatch.core import verify as verify_mode
+from flashpatch.core.run import empty_row_value  # noqa: F401 - part of this module's face (bench, lab)
 
 
 def check_inputs(q: jax.Array, k: jax.Array, v: jax.Array, attn_mask: jax.Array) -> None:
@@ -43,19 +42,6 @@ def check_inputs(q: jax.Array, k: jax.Array, v: jax.Array, attn_mask: jax.Array)
         )
     if attn_mask.dtype != jnp.bool_:
         raise TypeError(f"attn_mask must be a bool array (True = may attend); got dtype {attn_mask.dtype}")
-
-
-def empty_row_value(v: jax.Array, probs_dtype, num_heads: int) -> jax.Array:
-    """What openpi gives a query row that attends nothing: (B, 1, N, H).
-
-    Its softmax over S equal `big_neg` logits is uniform, 1/S, cast to the probs dtype; the row is
-    then that weight times the sum of V over all S keys (padding and empty cache slots included).
-    """
-    s, kv_heads = v.shape[1], v.shape[2]
-    weight = jnp.asarray(1.0 / s, jnp.float32).astype(probs_dtype).astype(jnp.float32)
-    mean = jnp.sum(v.astype(jnp.float32), axis=1) * weight  # (B, K, H)
-    mean = jnp.repeat(mean, num_heads // kv_heads, axis=1)  # (B, N, H), query head n uses kv head n // G
-    return mean[:, None].astype(jnp.result_type(probs_dtype, v.dtype))
 
 
 def _platform() -> str:
@@ -94,8 +80,17 @@ def attention(
     probs_dtype = jnp.dtype(probs_dtype if probs_dtype is not None else q.dtype)
     check_dtypes(q, k, v, probs_dtype)
     problem = Problem.of(q, k, v, probs_dtype, _platform(), causal_runs)
-    choice = selection.choose(backend, problem)
-    if choice.fallback:
+    choice = selection.choose(backend, problem, guard.failure)
+    runs_instead = "openpi's own attention" if choice.backend == backends.REFERENCE else choice.backend
+    for failed, error in choice.failed:
+        diagnostics.warn_once(
+            ("compile", failed, problem),
+            f"{failed} failed to compile for a call of {site} (B={problem.batch}, T={problem.q_len}, "
+            f"S={problem.kv_len}, {problem.q_dtype}) on {guard.describe_machine()}: {error}. {runs_instead} runs "
+            "there instead, so training goes on. Please report it to flashpatch with this message and the output "
+            f"of `python -m flashpatch doctor`; {guard.ENV}=0 skips this check.",
+        )
+    if choice.fallback and not choice.failed:
         diagnostics.warn_once(("fallback", site, backend, problem), f"{site}: {choice.reason}")
     diagnostics.info_once(("backend", site, choice.backend), f"{site} -> {choice.backend} ({choice.reason})")
 
@@ -103,74 +98,8 @@ def attention(
     if choice.backend == backends.REFERENCE:
         out = reference_attention(q, k, v, mask, probs_dtype)
     else:
-        out = _run(q, k, v, mask, backends.get(choice.backend), problem)
+        out = run.run(q, k, v, mask, backends.get(choice.backend), problem)
 
     if verify:
         verify_mode.report(site, choice.backend, out, reference_attention(q, k, v, mask, probs_dtype))
     return out
-
-
-def _run(q, k, v, mask, backend: Backend, problem: Problem) -> jax.Array:
-    """A backend's output with openpi's value in the rows that attend no key."""
-    if isinstance(backend, ChainBackend):
-        plan = masks.analyze(mask)
-        has_keys = plan.rank > 0
-        accepted = backend.accepts(plan, problem)
-        fallback_backend = selection.fallback_for(backend, problem)
-        # The fallback is rematerialised: otherwise its residuals, zeros when it does not run, are
-        # written by the conditional on every training step.
-        fallback = jax.checkpoint(fallback_backend.attend, static_argnums=(4,))
-
-        def fallback_and_warn() -> jax.Array:
-            _warn_fallback_ran(backend, fallback_backend)
-            return fallback(q, k, v, mask, problem)
-
-        def skipped() -> jax.Array:
-            return jnp.zeros(q.shape, problem.out_dtype)
-
-        # The fallback's conditional comes first and the fast path after it, outside it: a fast path inside
-        # the conditional ran slower than alone, and a conditional placed after the fast path makes the host
-        # wait for all of it before it reads the predicate (benchmarks/history/training-speed.md, "How").
-        fallback_out = lax.cond(accepted, skipped, fallback_and_warn)
-        fast = backend.attend(*_after((q, k, v), fallback_out), mask, plan, problem)
-        out = jnp.where(accepted, fast, fallback_out)
-    elif isinstance(backend, DenseBackend):
-        has_keys = jnp.any(mask, axis=-1)
-        out = backend.attend(q, k, v, mask, problem)
-    else:
-        raise TypeError(f"backend {backend.name!r} is neither a DenseBackend nor a ChainBackend")
-    fill = empty_row_value(v, problem.probs_dtype, problem.num_heads)
-    return jnp.where(has_keys[:, :, None, None], out.astype(problem.out_dtype), fill)
-
-
-@jax.custom_jvp
-def _after(x, dependency):
-    """x, computed only once `dependency` is: an ordering of the forward pass alone.
-
-    Its derivative is the identity on x, so the backward pass keeps no such order (a plain
-    optimization_barrier would tie the cotangents together too).
-    """
-    return lax.optimization_barrier((x, dependency))[0]
-
-
-@_after.defjvp
-def _after_jvp(primals, tangents):
-    return _after(*primals), tangents[0]
-
-
-def _warn_fallback_ran(backend: ChainBackend, fallback: DenseBackend) -> None:
-    """Warn once, at run time, from inside the fallback branch, that a mask failed the structure check.
-
-    The callback takes no operands, so flax's nn.scan (openpi's layer stack) accepts it although
-    the branch reads the activations; and it adds no conditional of its own, which cost time per call
-    (benchmarks/history/training-speed.md, "How").
-    """
-
-    def say() -> None:
-        diagnostics.warn_once(
-            ("structure", backend.name),
-            f"a mask does not have the structure {backend.name} computes ({backend.structure}), "
-            f"so the exact {fallback.name} path ran for it",
-        )
-
-    jax.debug.callback(say)

@@ -48,6 +48,13 @@ class Choice:
     backend: str
     reason: str
     fallback: bool = False  # the asked-for backend could not run this problem
+    #: Backends passed over because they failed to lower or compile here (the compile guard), with the error.
+    failed: tuple[tuple[str, str], ...] = ()
+
+
+#: `compiles(name, problem)`: why backend `name` fails to lower or compile `problem` on this machine, or None.
+#: The core passes the compile guard's (`flashpatch.core.guard.failure`); None: nothing is compiled to decide.
+CompileCheck = Callable[[str, Problem], "str | None"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,41 +179,63 @@ def fallback_for(backend: ChainBackend, problem: Problem) -> DenseBackend:
     return backend.fallback if backend.fallback is not None else exact_fallback(problem)
 
 
-def _auto(problem: Problem) -> Choice:
-    skipped = []
+def _cannot(name: str, problem: Problem, compiles: CompileCheck | None, failed: list) -> str | None:
+    """Why `name` cannot run `problem` here: what it declares (`unsupported`), then what compiling it says."""
+    if name == backends.REFERENCE:
+        return None
+    reason = backends.get(name).unsupported(problem)
+    if reason is None and compiles is not None:
+        reason = compiles(name, problem)
+        if reason is not None:
+            failed.append((name, reason))
+            reason = f"it failed to compile here: {reason}"
+    return reason
+
+
+def _auto(problem: Problem, compiles: CompileCheck | None) -> Choice:
+    skipped: list[str] = []
+    failed: list[tuple[str, str]] = []
     for rule in RULES:
         if rule.platform != problem.platform or not rule.applies(problem):
             continue
         for name in rule.backends:
-            reason = None if name == backends.REFERENCE else backends.get(name).unsupported(problem)
+            reason = _cannot(name, problem, compiles, failed)
             if reason is None:
                 note = f"; passed over: {'; '.join(skipped)}" if skipped else ""
-                return Choice(name, f"auto: {rule.why}{note}")
+                return Choice(name, f"auto: {rule.why}{note}", failed=tuple(failed))
             skipped.append(f"{name} ({reason})")
     tail = f" (passed over: {'; '.join(skipped)})" if skipped else ""
     return Choice(
         backends.REFERENCE,
         f"auto: no path measured faster than openpi's own attention runs here on {problem.platform}{tail}",
+        failed=tuple(failed),
     )
 
 
-def choose(asked: str, problem: Problem) -> Choice:
-    """Resolve `asked` ('auto' or a backend name) for `problem`, falling back where it cannot run."""
+def choose(asked: str, problem: Problem, compiles: CompileCheck | None = None) -> Choice:
+    """Resolve `asked` ('auto' or a backend name) for `problem`, falling back where it cannot run.
+
+    `compiles` (the compile guard) is asked about each candidate that declares it can run the problem.
+    """
     if problem.kv_len == 0:
         choice = Choice(backends.REFERENCE, "no keys at all (S = 0): openpi's own attention, which gives zeros")
     elif 0 in (problem.batch, problem.q_len, problem.num_heads, problem.head_dim):
         choice = Choice(backends.REFERENCE, "an empty batch, query, head or head-dim axis: nothing to compute")
     elif asked == "auto":
-        choice = _auto(problem)
+        choice = _auto(problem, compiles)
     elif asked == backends.REFERENCE:
         choice = Choice(asked, "asked for")
     else:
-        reason = backends.get(asked).unsupported(problem)
+        failed: list[tuple[str, str]] = []
+        reason = _cannot(asked, problem, compiles, failed)
         if reason is None:
             choice = Choice(asked, "asked for")
         else:
             choice = Choice(
-                backends.REFERENCE, f"{asked} cannot run this call ({reason}); openpi's own attention runs", True
+                backends.REFERENCE,
+                f"{asked} cannot run this call ({reason}); openpi's own attention runs",
+                True,
+                tuple(failed),
             )
     for seen in _recorders.get():
         seen.append(choice)

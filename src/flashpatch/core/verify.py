@@ -22,7 +22,6 @@ import jax.numpy as jnp
 
 from flashpatch import diagnostics
 
-
 #: The relative error, by the output's dtype, within which a backend agrees with openpi's attention: what the
 #: conformance kit accepts against float32 (bf16 carries the rounding of q, k, v and the probabilities). An agreement
 #: is logged at INFO; a larger difference, or NaN, at WARNING.
