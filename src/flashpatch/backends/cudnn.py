@@ -41,6 +41,14 @@ MAX_HEAD_DIM = 128
 MAX_HEAD_DIM_HOPPER = 256
 HOPPER = (9, 0)
 LARGE_HEAD_DIM_MIN_CUDNN = 90500
+#: Head dims above 128 in training (the backward) on Blackwell: NVIDIA's TransformerEngine routes them to cuDNN on
+#: compute capability 10.x only, from cuDNN 9.23 (`nvte_get_fused_attn_backend` in
+#: transformer_engine/common/fused_attn/fused_attn.cpp: "d_qk = d_v = 256 + SM10x ... BE 9.23+ + bprop"), and on
+#: 12.x not at all; JAX's own check lets both through from jax 0.8.2, and cuDNN then finds no engine at compile
+#: time. flashpatch follows TransformerEngine's table (the compile guard catches what it misses).
+BLACKWELL = (10, 0)
+BLACKWELL_LARGE_HEAD_DIM_MIN_CUDNN = 92300
+RTX_BLACKWELL = (12, 0)
 
 
 def cudnn_version() -> int | None:
@@ -88,6 +96,17 @@ def hardware_limits(head_dim: int, version: int | None, capability: tuple[int, i
             return (
                 f"cuDNN takes head dim {head_dim} (> {MAX_HEAD_DIM}) only with cuDNN "
                 f"{machine.cudnn_text(LARGE_HEAD_DIM_MIN_CUDNN)} or newer; JAX loaded {machine.cudnn_text(version)}"
+            )
+        if capability >= RTX_BLACKWELL:
+            return (
+                f"cuDNN has no backward for head dim {head_dim} (> {MAX_HEAD_DIM}) on {gpu} (NVIDIA's "
+                "TransformerEngine lists none)"
+            )
+        if capability >= BLACKWELL and version < BLACKWELL_LARGE_HEAD_DIM_MIN_CUDNN:
+            return (
+                f"cuDNN's backward for head dim {head_dim} (> {MAX_HEAD_DIM}) on {gpu} needs cuDNN "
+                f"{machine.cudnn_text(BLACKWELL_LARGE_HEAD_DIM_MIN_CUDNN)} or newer (NVIDIA's TransformerEngine "
+                f"requires it); JAX loaded {machine.cudnn_text(version)}"
             )
     return None
 
