@@ -23,9 +23,9 @@ if TYPE_CHECKING:
     import jax
 
     from flashpatch.diagnostics import FlashpatchWarning
-    from flashpatch.switch.blocks import disable, enable, install, installed, uninstall
     from flashpatch.switch.model_patch import patch, patch_model
     from flashpatch.switch.settings import Settings
+    from flashpatch.switch.toggle import disable, enable, install, installed, uninstall
     from flashpatch.targets import register as register_target
 
 #: public name -> (module, attribute).
@@ -33,13 +33,13 @@ _LAZY: dict[str, tuple[str, str]] = {
     "FlashpatchWarning": ("flashpatch.diagnostics", "FlashpatchWarning"),
     "Settings": ("flashpatch.switch.settings", "Settings"),
     "register_target": ("flashpatch.targets", "register"),
-    "disable": ("flashpatch.switch.blocks", "disable"),
-    "enable": ("flashpatch.switch.blocks", "enable"),
-    "install": ("flashpatch.switch.blocks", "install"),
-    "installed": ("flashpatch.switch.blocks", "installed"),
+    "disable": ("flashpatch.switch.toggle", "disable"),
+    "enable": ("flashpatch.switch.toggle", "enable"),
+    "install": ("flashpatch.switch.toggle", "install"),
+    "installed": ("flashpatch.switch.toggle", "installed"),
     "patch": ("flashpatch.switch.model_patch", "patch"),
     "patch_model": ("flashpatch.switch.model_patch", "patch_model"),
-    "uninstall": ("flashpatch.switch.blocks", "uninstall"),
+    "uninstall": ("flashpatch.switch.toggle", "uninstall"),
 }
 _SUBMODULES = (
     "backends",

@@ -22,8 +22,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 interception.ensure_listening()  # the targets get bound the first time any block holds them
 
 
-class Block:
-    """What enable() and disable() return: a context manager and a decorator, re-entrant and reusable.
+class Toggle:
+    """What enable() and disable() return: a block (`with`) and a decorator, re-entrant and reusable.
 
     Each `with` opens a frame of its own in the calling thread or task, so one object can be entered again
     inside itself, in sequence, or in several threads and tasks at once; each exit leaves this object's
@@ -161,10 +161,10 @@ def _run_steps(segment: state.Segment, target: Any) -> Generator:
 @overload
 def enable(backend: F, *, verify: bool = False) -> F: ...
 @overload
-def enable(backend: str = "auto", *, verify: bool = False) -> Block: ...
+def enable(backend: str = "auto", *, verify: bool = False) -> Toggle: ...
 
 
-def enable(backend: str | Callable[..., Any] = "auto", *, verify: bool = False) -> Block | Callable[..., Any]:
+def enable(backend: str | Callable[..., Any] = "auto", *, verify: bool = False) -> Toggle | Callable[..., Any]:
     """Patch openpi's attention in this thread or asyncio task for the duration of the block (or decorated call).
 
     Nestable: the innermost block wins and leaving it restores what was there before. Other threads and tasks
@@ -175,22 +175,22 @@ def enable(backend: str | Callable[..., Any] = "auto", *, verify: bool = False) 
     function with the default settings.
     """
     if callable(backend):
-        return Block(Settings(verify=verify))(backend)
-    return Block(Settings(backend=backend, verify=verify))
+        return Toggle(Settings(verify=verify))(backend)
+    return Toggle(Settings(backend=backend, verify=verify))
 
 
 @overload
 def disable(fn: F) -> F: ...
 @overload
-def disable(fn: None = None) -> Block: ...
+def disable(fn: None = None) -> Toggle: ...
 
 
-def disable(fn: Callable[..., Any] | None = None) -> Block | Callable[..., Any]:
+def disable(fn: Callable[..., Any] | None = None) -> Toggle | Callable[..., Any]:
     """Run openpi's original attention in this thread or task for the duration of the block (or decorated call).
 
     It also wins over models patched with `flashpatch.patch` / `patch_model` called inside it.
     """
-    block = Block(None)
+    block = Toggle(None)
     return block if fn is None else block(fn)
 
 
@@ -209,4 +209,4 @@ def installed() -> Settings | None:
     return state.default()
 
 
-__all__ = ["Block", "disable", "enable", "install", "installed", "uninstall"]
+__all__ = ["Toggle", "disable", "enable", "install", "installed", "uninstall"]
