@@ -1,10 +1,10 @@
 """openpi's training masks through cuDNN without a dense mask: one shared block, one short tail.
 
-A dense (B, T, S) mask costs cuDNN most of its speed (H100: 5.1 ms fwd+bwd at B=2, T=S=4096
-against 2.9 ms with no mask at all), while sequence lengths cost it nothing. In chain form
-(`flashpatch.backends.masks`) with keys sorted by threshold, row i of an openpi mask attends the first
-rank[i] keys, and the rows with the smallest positive rank are one large group: pi0's and
-pi0.5's prefix (images and prompt), pi0-FAST's bidirectional prefix. So, per batch row:
+A dense (B, T, S) mask costs cuDNN most of its speed, while sequence lengths cost it nothing
+(benchmarks/history/training-speed.md, "Speed"). In chain form (`flashpatch.backends.masks`) with keys
+sorted by threshold, row i of an openpi mask attends the first rank[i] keys, and the rows with the smallest
+positive rank are one large group: pi0's and pi0.5's prefix (images and prompt), pi0-FAST's bidirectional
+prefix. So, per batch row:
 
 - head: the rows of least rank, moved to the front (a stable sort of rows by rank), attend the
   first `head_keys` sorted keys: exactly cuDNN's padding mask, given as sequence lengths;

@@ -134,9 +134,8 @@ RULES: tuple[Rule, ...] = (
         lambda p: p.pairs >= GPU_MIN_PAIRS_FOR_SPLIT,
         ("pallas",),
         "at least 3 * 2**25 (query, key) pairs over batch and heads where neither FlashAttention nor cuDNN runs "
-        "(GPUs before Hopper, cuDNN before 9.5): flashpatch's own Pallas kernel, faster than the einsum on the H200 "
-        "at pi0's training shape, at T=4096 and 16384, and in openpi's pi0 and pi0-FAST training steps; measured "
-        "on the H200 only, no Ampere or Ada GPU "
+        "(GPUs before Hopper, cuDNN before 9.5): flashpatch's own Pallas kernel, faster than the einsum in openpi's "
+        "pi0 and pi0-FAST training steps and at long prompts; measured on the H200 only, no Ampere or Ada GPU "
         f"({_BENCH}, 'The Pallas kernel')",
     ),
     Rule(

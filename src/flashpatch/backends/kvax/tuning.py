@@ -27,12 +27,10 @@ class Tuning:
     backward: Blocks
 
 
-#: head_dim -> rows ordered by max_len. Forward: the best of 5 candidates through flashpatch at
-#: B=2, T=S=4096 on the H100 (benchmarks/history/kvax.md: 128x64w8s3 1.75 ms; 128x64w8s2 1.92;
-#: kvax's own H100 default 128x128w8s3 3.82; 64x64w4s2 4.34; 128x32w4s2 5.31). Backward at 4096:
-#: 64x128w8s2 13.5 ms fwd+bwd vs 32x32w4s2 13.7 (the sweep ran out of time after two). The backward
-#: choice at <= 2048 keys (32x32w4s2) has not been timed by flashpatch yet: it is a starting point taken
-#: from kvax probes on the H100, to be replaced by benchmarks/lab/gpu/kvax_sweep.py's sweep at B=8, T=1024.
+#: head_dim -> rows ordered by max_len. Forward: the fastest of the candidates timed through flashpatch at
+#: B=2, T=S=4096 on the H100; backward at 4096: the faster of the two the sweep reached (the timings:
+#: benchmarks/history/kvax.md, "Speed"). The backward choice at <= 2048 keys has not been timed by flashpatch:
+#: a starting point from kvax probes on the H100, for benchmarks/lab/gpu/kvax_sweep.py's sweep at B=8, T=1024.
 TABLE: dict[int, tuple[Tuning, ...]] = {
     256: (
         Tuning(2048, Blocks(128, 64, 8, 3), Blocks(32, 32, 4, 2)),
