@@ -88,3 +88,24 @@ def test_a_bad_backend_alone_is_a_usage_error(pytester: pytest.Pytester) -> None
     result = pytester.runpytest_inprocess("--flashpatch-backend", "bogus", *_plugin_args())
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["ERROR: --flashpatch-backend: backend must be one of *; got 'bogus'"])
+
+
+_DEPRECATION = """
+import warnings
+
+def test_lowers_a_pallas_triton_kernel():
+    warnings.warn(
+        "The Pallas Triton backend is deprecated and will be removed in a future JAX version.", DeprecationWarning
+    )
+"""
+
+
+def test_the_pallas_triton_deprecation_stays_out_of_a_flashpatch_session(pytester: pytest.Pytester) -> None:
+    """With --flashpatch the warning concerns flashpatch's own kernel: not in the user's summary. Without it, a
+    user's own Pallas Triton kernel still warns."""
+    pytester.makepyfile(_DEPRECATION)
+    quiet = pytester.runpytest_inprocess("--flashpatch", *_plugin_args())
+    quiet.assert_outcomes(passed=1)
+    quiet.stdout.no_fnmatch_line("*Pallas Triton backend is deprecated*")
+    loud = pytester.runpytest_inprocess(*_plugin_args())
+    loud.assert_outcomes(passed=1, warnings=1)

@@ -10,6 +10,12 @@ import pytest
 
 from flashpatch import backends
 
+#: JAX (from 0.11.2) warns at every Pallas Triton lowering that the backend is deprecated. In a session that runs
+#: flashpatch, the warning is about flashpatch's `pallas` kernel, which the tests' authors did not write and cannot
+#: change (docs/user-guide.md, "The Pallas Triton deprecation"); a user's own Pallas Triton kernels still warn
+#: in sessions without --flashpatch.
+PALLAS_TRITON_DEPRECATION = "ignore:The Pallas Triton backend is deprecated:DeprecationWarning"
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("flashpatch")
@@ -46,6 +52,7 @@ def pytest_configure(config: pytest.Config) -> None:
     except ValueError as err:
         raise pytest.UsageError(f"--flashpatch-backend: {err}") from err
     config.add_cleanup(flashpatch.uninstall)
+    config.addinivalue_line("filterwarnings", PALLAS_TRITON_DEPRECATION)
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:
