@@ -7,7 +7,9 @@ in-graph that the mask is a chain and runs the fastest exact path that runs here
 (`flashpatch.core.selection.exact_fallback`).
 
 On a GPU the kernels are compiled by Triton; anywhere else they run in Pallas' interpreter, which
-is slow and there for correctness checks (CI) only. Tiles per GPU generation: `tiling.py`.
+is slow and there for correctness checks (CI) only. Tiles per GPU generation: `tiling.py`; where JAX's
+Pallas Triton backend runs them at all (JAX release, GPU name, compute capability, shared memory):
+`gates.py`.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from flashpatch.backends import masks
+from flashpatch.backends import machine, masks
 from flashpatch.backends.base import ChainBackend, Problem
 from flashpatch.backends.masks import MaskPlan
+from flashpatch.backends.pallas import gates
 
 MAX_HEAD_DIM = 256
 
@@ -54,6 +57,13 @@ class PallasBackend(ChainBackend):
                 f"pallas keeps a tile of rows x head_dim in shared memory and supports head_dim up to {MAX_HEAD_DIM}; "
                 f"got {problem.head_dim}"
             )
+        missing = gates.backend_missing()
+        if missing is not None:
+            return missing
+        if problem.platform == "gpu" and self.config is None:
+            gpu = machine.gpu()
+            if gpu is not None:  # an NVIDIA GPU under CUDA (or a simulated one); the gates need its facts
+                return gates.gpu_refusal(gpu, problem.head_dim, compute_dtype(problem).name)
         return None
 
     def attend(self, q, k, v, mask, plan: MaskPlan, problem: Problem) -> jax.Array:

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from flashpatch.backends import machine
 from flashpatch.backends.pallas import compat, tiling
 from flashpatch.backends.pallas.tiling import Config
 
@@ -378,7 +379,7 @@ def flash_attention(
 
     q (B, T, N, H), pre-scaled; k, v (B, S, K, H), N a multiple of K, cast to q's dtype; rank (B, T)
     int, clipped to [0, S]. Rows with rank 0 come out 0 (finite) with zero gradients. Differentiable
-    in q, k, v. `config`: tiles (default: `tiling.config_for` this device); `interpret`: run the
+    in q, k, v. `config`: tiles (default: `tiling.for_gpu(machine.gpu())`); `interpret`: run the
     kernels in Pallas' interpreter (default: on anything but a GPU).
     """
     if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
@@ -392,7 +393,12 @@ def flash_attention(
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     if config is None:
-        config = tiling.config_for(None if interpret else tiling.device_capability(), h, q.dtype)
+        config = tiling.INTERPRET if interpret else tiling.for_gpu(machine.gpu(), h, q.dtype)
+        if config is None:
+            raise ValueError(
+                f"no tiling of the pallas kernels fits this GPU's shared memory at head_dim {h} in {q.dtype}: "
+                "use another backend (flashpatch.backends.pallas.gates.gpu_refusal says why)"
+            )
     g = n // kh
     head_dim = tiling.padded_head_dim(h)
     rows = _round_up(t * g, config.row_multiple)
