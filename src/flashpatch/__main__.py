@@ -1,4 +1,4 @@
-"""`python -m flashpatch doctor|bench [options]`, `python -m flashpatch --version`."""
+"""`python -m flashpatch doctor|bench|tune [options]`, `python -m flashpatch --version`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ USAGE = """usage: python -m flashpatch COMMAND [options]
 commands:
   doctor   what is installed, what would be patched, which backend `auto` picks for a shape, and why
   bench    benchmark every backend against openpi's einsum (the same as python -m flashpatch.bench)
+  tune     time every backend at your model's attention shapes on this GPU; auto then follows your measurement
 
 python -m flashpatch COMMAND --help shows a command's options;
 python -m flashpatch --version prints flashpatch's version."""
@@ -32,7 +33,11 @@ def main(argv: list[str]) -> int:
         from flashpatch.bench.cli import main as bench
 
         return bench(rest)
-    message = f"unknown command {command!r}; the commands are doctor and bench (or --version, --help)"
+    if command == "tune":
+        from flashpatch.tools import tune
+
+        return tune.main(rest)
+    message = f"unknown command {command!r}; the commands are doctor, bench and tune (or --version, --help)"
     print(f"python -m flashpatch: error: {message}", file=sys.stderr)
     return 2
 

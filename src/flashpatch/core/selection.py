@@ -7,6 +7,10 @@ can run, the next rule that applies is asked, and at the end `reference` runs. S
 a kernel library that is missing only ever moves `auto` to the next path measured faster, or to
 openpi's own attention: never to a path measured slower. Each rule's reason names the section of
 docs/benchmarks.md with its measurements.
+
+Before the rules, `auto` reads the user's own measurement of the call where `python -m flashpatch tune` made
+one on this device under these versions (flashpatch/core/tuning.py): its backends measured faster than the
+einsum, fastest first, are asked the same way, and at the end `reference` runs.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from collections.abc import Callable, Iterator
 
 from flashpatch import backends
 from flashpatch.backends.base import ChainBackend, DenseBackend, Problem
+from flashpatch.core import tuning
 
 #: On CPU the einsum beats the blockwise path while the logits are small; past this many (query,
 #: key) pairs per head the blockwise path is chosen for its O(T) memory.
@@ -194,6 +199,13 @@ def _cannot(name: str, problem: Problem, compiles: CompileCheck | None, failed: 
 def _auto(problem: Problem, compiles: CompileCheck | None) -> Choice:
     skipped: list[str] = []
     failed: list[tuple[str, str]] = []
+    tuned = tuning.lookup(problem)  # the user's own measurement of this call, where `tune` made one (core/tuning.py)
+    for name in tuned.ranking if tuned is not None else ():  # faster than the einsum, fastest first; then reference
+        reason = _cannot(name, problem, compiles, failed)
+        if reason is None:
+            note = f"; passed over: {'; '.join(skipped)}" if skipped else ""
+            return Choice(name, f"auto: {tuned.reason(name)}{note}", failed=tuple(failed))
+        skipped.append(f"{name} ({reason})")
     for rule in RULES:
         if rule.platform != problem.platform or not rule.applies(problem):
             continue

@@ -50,6 +50,7 @@ def problem_from(args: argparse.Namespace):
         v_dtype=dtype,
         probs_dtype=dtype,
         platform=jax.default_backend(),
+        causal_runs=not getattr(args, "no_causal_runs", False),
     )
 
 
@@ -74,7 +75,7 @@ def report(args: argparse.Namespace) -> str:
     import jax
 
     from flashpatch import targets, versions
-    from flashpatch.core import selection
+    from flashpatch.core import selection, tuning
     from flashpatch.switch import jit_key as jit_cache
 
     lines = ["flashpatch doctor", "", "versions:"]
@@ -115,6 +116,7 @@ def report(args: argparse.Namespace) -> str:
         "L40S, RTX 3090 / 4090) the same rules run unmeasured, and never pick a path measured slower than "
         "openpi's own attention"
     ]
+    lines += ["", *tuning.report()]
     return "\n".join(lines)
 
 
@@ -139,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         default="bfloat16",
         type=cli_args.one_of(DTYPES, "--dtype"),
         help=f"dtype of q, k and v: {', '.join(DTYPES)} (default bfloat16, openpi's training dtype)",
+    )
+    parser.add_argument(
+        "--no-causal-runs",
+        action="store_true",
+        help="the masks hold no causal run of several rows, as pi0's and pi0.5's (default: they may, as pi0-FAST's)",
     )
     args = parser.parse_args(argv)
     if args.heads % args.kv_heads:
