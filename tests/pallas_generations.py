@@ -20,14 +20,16 @@ Triton that XLA compiles a Pallas call with on the user's GPU (inside jaxlib's C
 the jaxlib). Both start from the same IR; their allocators may differ by some bytes. docs/architecture.md,
 "The per-generation compile check", says what this does and does not show.
 
-    python tests/pallas_generations.py lower DIR [--targets 80,86,...] [--dtypes bfloat16,float32]
-    python tests/pallas_generations.py compile DIR
+    python tests/pallas_generations.py lower DIR [--targets 80,86,...] [--dtypes bfloat16,float32] [--tiling NAME]
+    python tests/pallas_generations.py compile DIR [--workers N]
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -134,8 +136,22 @@ def triton_calls(config, dtype: str, cc: int) -> list[dict]:
     return calls
 
 
-def lower(out: Path, targets: list[int], dtypes: list[str]) -> int:
-    """Write each target's kernels' Triton IR and the manifest to `out`; 0 on success."""
+def named_tiling(name: str):
+    """A tiling of tiling.py by its name, e.g. 'sm90-128x64'."""
+    from flashpatch.backends.pallas import tiling
+
+    known = {c.name: c for c in (*tiling.SM100, *tiling.SM90, *tiling.SM80, *tiling.SM86, tiling.SMALLEST)}
+    if name not in known:
+        raise SystemExit(f"--tiling must be one of {', '.join(known)}; got {name!r}")
+    return known[name]
+
+
+def lower(out: Path, targets: list[int], dtypes: list[str], forced: str | None = None) -> int:
+    """Write each target's kernels' Triton IR and the manifest to `out`; 0 on success.
+
+    `forced`: that tiling (by name) on every target instead of the one `tiling.config_for` picks; the check of
+    the check (a tiling that does not fit must fail it).
+    """
     import jax
 
     from flashpatch.backends import machine
@@ -147,7 +163,11 @@ def lower(out: Path, targets: list[int], dtypes: list[str]) -> int:
         capability = (cc // 10, cc % 10)
         limit = machine.SHARED_MEMORY[capability]
         for dtype in dtypes:
-            config = tiling.config_for(f"{capability[0]}.{capability[1]}", HEAD_DIM, dtype)
+            config = (
+                named_tiling(forced)
+                if forced
+                else tiling.config_for(f"{capability[0]}.{capability[1]}", HEAD_DIM, dtype)
+            )
             estimate = tiling.shared_memory(config, HEAD_DIM, dtype, f"{capability[0]}.{capability[1]}")
             for call in triton_calls(config, dtype, cc):
                 stem = f"sm{cc}-{dtype}-{call['kernel']}"
@@ -176,6 +196,7 @@ def lower(out: Path, targets: list[int], dtypes: list[str]) -> int:
 
 def compile_one(path: Path, cc: int, num_warps: int, num_stages: int) -> int:
     """Shared memory in bytes that Triton's compiler gives the kernel in `path` on target `cc`."""
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns while it is unset; no effect on memory
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -185,25 +206,38 @@ def compile_one(path: Path, cc: int, num_warps: int, num_stages: int) -> int:
     return int(compiled.metadata.shared)
 
 
-def check(directory: Path) -> int:
-    """Compile every kernel of the manifest in `directory`; print one line each and one FAIL line per failure."""
+def _compile_entry(args: tuple[Path, dict]) -> int | str:
+    """The compiler's shared-memory figure for one manifest entry, or the first line of its error."""
+    directory, entry = args
+    try:
+        return compile_one(directory / entry["ir"], entry["target"], entry["num_warps"], entry["num_stages"])
+    except Exception as error:
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        return f"{type(error).__name__}: {first}"
+
+
+def check(directory: Path, workers: int | None = None) -> int:
+    """Compile every kernel of the manifest in `directory` (`workers` processes, default one per core); print one
+    line each and one FAIL line per failure; 1 if any failed, else 0."""
     import triton
 
     manifest = json.loads((directory / "manifest.json").read_text())
-    source = f"jax {manifest['jax']}, triton {triton.__version__} (PyPI's Triton, not XLA's)"
+    entries = manifest["kernels"]
+    source = f"jax {manifest['jax']}, triton {triton.__version__} from PyPI, not XLA's"
+    with concurrent.futures.ProcessPoolExecutor(workers or os.cpu_count() or 1) as pool:
+        results = list(pool.map(_compile_entry, [(directory, entry) for entry in entries]))
     failures = 0
-    for entry in manifest["kernels"]:
+    for entry, used in zip(entries, results, strict=True):
         where = f"sm{entry['target']} {entry['dtype']} {entry['tiling']} {entry['kernel']}"
-        launch = f"warps {entry['num_warps']} stages {entry['num_stages']}"
-        try:
-            used = compile_one(directory / entry["ir"], entry["target"], entry["num_warps"], entry["num_stages"])
-        except Exception as error:
-            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-            print(f"FAIL {where}: does not compile for sm{entry['target']} ({source}): {type(error).__name__}: {first}")
+        if isinstance(used, str):
+            print(f"FAIL {where}: does not compile for sm{entry['target']} ({source}): {used}")
             failures += 1
             continue
         limit, estimate = entry["limit"], entry["estimate"]
-        print(f"{where} ({launch}): {used} B of {limit} B; tiling.py estimates {estimate} B")
+        launch = f"warps {entry['num_warps']} stages {entry['num_stages']}"
+        print(
+            f"{where} ({launch}): {used} B of {limit} B; tiling.py estimates {estimate} B ({estimate / used - 1:+.0%})"
+        )
         if used > limit:
             print(
                 f"FAIL {where}: needs {used} B of shared memory, sm{entry['target']} allows {limit} B per block "
@@ -216,7 +250,7 @@ def check(directory: Path) -> int:
                 "the estimate must not promise a fit the compiler does not give"
             )
             failures += 1
-    print(f"{len(manifest['kernels']) - failures} passed, {failures} failed")
+    print(f"generations: {len(entries) - failures} passed, {failures} failed ({source})")
     return 1 if failures else 0
 
 
@@ -227,12 +261,14 @@ def main(argv: list[str] | None = None) -> int:
     low.add_argument("dir", type=Path)
     low.add_argument("--targets", default=",".join(map(str, TARGETS)), help="compute capabilities, e.g. 80,90")
     low.add_argument("--dtypes", default=",".join(DTYPES))
+    low.add_argument("--tiling", default=None, help="this tiling (by name) on every target: the check's own check")
     comp = sub.add_parser("compile", help="compile the lowered kernels (a venv with triton)")
     comp.add_argument("dir", type=Path)
+    comp.add_argument("--workers", type=int, default=None, help="compiler processes (default: one per core)")
     args = parser.parse_args(argv)
     if args.command == "lower":
-        return lower(args.dir, [int(t) for t in args.targets.split(",")], args.dtypes.split(","))
-    return check(args.dir)
+        return lower(args.dir, [int(t) for t in args.targets.split(",")], args.dtypes.split(","), args.tiling)
+    return check(args.dir, args.workers)
 
 
 if __name__ == "__main__":
