@@ -306,7 +306,7 @@ def now_text() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-_cache: dict[Path, tuple[tuple[int, int], Table | TableError]] = {}
+_cache: dict[Path, tuple[tuple[int, int, int], Table | TableError]] = {}
 _lock = threading.Lock()
 
 
@@ -314,7 +314,7 @@ def read(path: Path) -> Table:
     """The table in `path` (re-read when the file changes); TableError in one sentence where it cannot be used,
     FileNotFoundError where there is none."""
     stat = path.stat()
-    stamp = (stat.st_mtime_ns, stat.st_size)
+    stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
     with _lock:
         cached = _cache.get(path)
     if cached is None or cached[0] != stamp:
