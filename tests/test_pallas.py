@@ -289,7 +289,7 @@ def test_tile_schedules() -> None:
 
 # --- tiling: the shared-memory arithmetic per generation ---
 
-GENERATIONS = ("8.0", "8.6", "8.9", "9.0")
+GENERATIONS = ("8.0", "8.6", "8.9", "9.0", "10.0", "12.0")
 
 
 def test_configs_fit_shared_memory() -> None:
@@ -297,7 +297,7 @@ def test_configs_fit_shared_memory() -> None:
         for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
             for head_dim in (64, 96, 128, 256):
                 config = tiling.config_for(cc, head_dim, dtype)
-                used = tiling.shared_memory(config, head_dim, dtype)
+                used = tiling.shared_memory(config, head_dim, dtype, cc)
                 assert max(used.values()) <= tiling.shared_memory_limit(cc), (cc, config.name, used)
 
 
@@ -319,10 +319,11 @@ def test_generations_differ_where_they_must() -> None:
 def test_docstring_arithmetic_is_the_model() -> None:
     """The worked numbers in tiling's docstring are what `shared_memory` computes (less the reserve)."""
     doc = tiling.__doc__
-    for cc, name in (("9.0", "sm90-128x64"), ("8.0", "sm80-128x32"), ("8.6", "sm86-64x32")):
+    for cc, name in (("9.0", "sm90-128x64"), ("10.0", "sm100-64x64"), ("8.0", "sm80-128x32"), ("8.6", "sm86-64x32")):
         config = next(c for c in tiling.candidates(cc) if c.name == name)
         assert tiling.config_for(cc, 256, jnp.bfloat16) == config
-        kib = {k: (v - tiling.RESERVE) // 1024 for k, v in tiling.shared_memory(config, 256, jnp.bfloat16).items()}
+        used = tiling.shared_memory(config, 256, jnp.bfloat16, cc)
+        kib = {k: (v - tiling.RESERVE) // 1024 for k, v in used.items()}
         lines = doc[doc.index(f'"{name}"') :].splitlines()[:3]  # forward, dK/dV, dQ
         stated = [int(re.search(r"= +(\d+) KiB", line).group(1)) for line in lines]
         assert stated == [kib["forward"], kib["dkv"], kib["dq"]], (name, stated, kib)
@@ -331,7 +332,9 @@ def test_docstring_arithmetic_is_the_model() -> None:
 def test_candidates_and_capabilities() -> None:
     assert tiling.parse_capability("9.0") == tiling.parse_capability("sm_90") == tiling.parse_capability("90") == (9, 0)
     assert tiling.candidates("9.0") == tiling.SM90 and tiling.candidates("8.0") == tiling.SM80
-    assert tiling.candidates("8.6") == tiling.candidates("8.9") == tiling.SM86
+    assert tiling.candidates("8.6") == tiling.candidates("8.9") == tiling.candidates("12.0") == tiling.SM86
+    assert tiling.candidates("10.0") == (*tiling.SM100, *tiling.SM90)
+    assert tiling.parse_capability("10.0") == tiling.parse_capability("100") == (10, 0)
     assert tiling.candidates(None) == (tiling.INTERPRET,)
     assert tiling.config_for("8.6", 256, jnp.float32) == tiling.SMALLEST  # nothing larger fits 99 KiB
     with pytest.raises(ValueError, match="power of two"):
