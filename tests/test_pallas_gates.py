@@ -124,9 +124,12 @@ def test_one_shared_memory_table() -> None:
         assert tiling.shared_memory_limit(f"{capability[0]}.{capability[1]}") == limit
 
 
-def test_an_explicit_tiling_is_not_second_guessed() -> None:
-    with machine.simulated(machine.Gpu.of("Tesla T4", (7, 5))):
+def test_an_explicit_tiling_is_not_second_guessed_but_the_gpu_still_is() -> None:
+    starved = machine.Gpu("NVIDIA RTX A6000", (8, 6), 32 * 1024)
+    with machine.simulated(starved, versions_={"jax": "0.12.0"}):
         assert PallasBackend(config=tiling.SMALLEST).unsupported(_problem()) is None
+    with machine.simulated("RTX 5090", versions_={"jax": "0.11.0"}):
+        assert "knows GPUs by name" in PallasBackend(config=tiling.SMALLEST).unsupported(_problem())
 
 
 # --- a JAX without Pallas Triton ---

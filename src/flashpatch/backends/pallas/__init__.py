@@ -60,10 +60,10 @@ class PallasBackend(ChainBackend):
         missing = gates.backend_missing()
         if missing is not None:
             return missing
-        if problem.platform == "gpu" and self.config is None:
+        if problem.platform == "gpu":
             gpu = machine.gpu()
             if gpu is not None:  # an NVIDIA GPU under CUDA (or a simulated one); the gates need its facts
-                return gates.gpu_refusal(gpu, problem.head_dim, compute_dtype(problem).name)
+                return gates.gpu_refusal(gpu, problem.head_dim, compute_dtype(problem).name, self.config is None)
         return None
 
     def attend(self, q, k, v, mask, plan: MaskPlan, problem: Problem) -> jax.Array:

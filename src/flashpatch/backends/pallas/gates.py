@@ -99,8 +99,12 @@ def named_gpu_refused(kind: str) -> bool:
     return _NAMED_GPU_RE.match(kind) is None
 
 
-def gpu_refusal(gpu: machine.Gpu, head_dim: int, dtype) -> str | None:
-    """Why Pallas Triton under the installed JAX cannot run the kernels on `gpu`, in one sentence; else None."""
+def gpu_refusal(gpu: machine.Gpu, head_dim: int, dtype, sized: bool = True) -> str | None:
+    """Why Pallas Triton under the installed JAX cannot run the kernels on `gpu`, in one sentence; else None.
+
+    `sized`: also refuse where no tiling's estimate fits the GPU's shared memory (False for a tiling the caller
+    chose, which the estimate, an upper bound, does not second-guess; the compile guard still tries it).
+    """
     jax_version = versions.installed("jax")
     if gpu.capability < MIN_CAPABILITY:
         return (
@@ -113,7 +117,7 @@ def gpu_refusal(gpu: machine.Gpu, head_dim: int, dtype) -> str | None:
             "supported GPU devices found' when the step is lowered; jax/_src/pallas/triton/gpu_info.py); jax 0.11.2 "
             "or newer accepts any NVIDIA GPU: pip install -U 'jax[cuda12]>=0.11.2'"
         )
-    if tiling.for_gpu(gpu, head_dim, dtype) is None:
+    if sized and tiling.for_gpu(gpu, head_dim, dtype) is None:
         capability = f"{gpu.capability[0]}.{gpu.capability[1]}"
         need = max(tiling.shared_memory(tiling.SMALLEST, head_dim, dtype, capability).values())
         return (
