@@ -363,7 +363,9 @@ def main() -> None:
     deadline = start + args.budget
     interpret = args.smoke or jax.default_backend() != "gpu"
     cc = None if interpret else tiling.device_capability()
-    known = {c.name: c for c in (*tiling.SM100, *tiling.SM90, *tiling.SM80, *tiling.SM86, tiling.SMALLEST, tiling.INTERPRET)}
+    known = {
+        c.name: c for c in (*tiling.SM100, *tiling.SM90, *tiling.SM80, *tiling.SM86, tiling.SMALLEST, tiling.INTERPRET)
+    }
     if args.configs:
         configs = [known[name] for name in args.configs.split(",")]
     elif interpret:
