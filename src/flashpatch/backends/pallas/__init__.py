@@ -46,7 +46,7 @@ class PallasBackend(ChainBackend):
     dtypes = ("float32", "bfloat16", "float16")
 
     def __init__(self, config=None):
-        self.config = config  # a tiling.Config; None: tiling.config_for this device, head dim and dtype
+        self.config = config  # a tiling.Config; None: tiling.for_gpu(machine.gpu()) at the head dim and dtype
 
     def unsupported(self, problem: Problem) -> str | None:
         reason = super().unsupported(problem)
