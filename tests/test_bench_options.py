@@ -72,6 +72,28 @@ def test_a_bad_value_is_one_line_naming_the_option(argv: list[str], named: str, 
     assert named in line, line
 
 
+def test_a_compile_cache_must_be_a_directory(tmp_path: pathlib.Path, capsys) -> None:
+    """`--compile-cache /etc/passwd` was accepted, and JAX would write its cache files over a file's path."""
+    existing = tmp_path / "a_file"
+    existing.write_text("keep me\n")
+    line = _usage_error(["--compile-cache", str(existing)], capsys)
+    assert "--compile-cache" in line and "is a file" in line and "directory" in line, line
+    assert existing.read_text() == "keep me\n"
+
+
+def test_a_core_size_too_small_names_what_the_core_scenario_builds(capsys) -> None:
+    """The core scenario times attention on pi0's mask; the message says so instead of citing an action suffix
+    as if the core scenario had one of its own."""
+    line = _usage_error(["--core-sizes", "10"], capsys)
+    assert "--core-sizes must each be at least" in line and "pi0's mask" in line, line
+
+
+def test_the_help_names_the_real_default_of_openpi_cases() -> None:
+    text = " ".join(cli.parser().format_help().split())
+    default = text.rsplit("--openpi-cases", 1)[1].split("(default ")[1].split(")")[0]
+    assert default == ", ".join(Options().openpi_cases), default
+
+
 def test_an_expert_must_be_a_fixture_variant(capsys) -> None:
     line = _usage_error(["--prefix-expert", "typo"], capsys)
     assert "gemma_2b" in line and "'typo'" in line, line

@@ -239,20 +239,29 @@ def test_cli_rejects_bad_sizes(capsys):
 
 
 OPENPI_CASES = ("pi0_train", "pi0_sample", "pi0_fast_sample", "pi0_fit")
+FIT_PROMPT = 16
 
 
 @pytest.mark.slow
 def test_openpi_mode_runs_the_fixture_models(tmp_path):
     """The openpi mode on the openpi-compatible fixtures at a dummy size (CI has no openpi): every case and
-    variant runs, the ceiling is a real ceiling, the agreement numbers are there, and the report has its table."""
-    document = _openpi_run(tmp_path)
+    variant runs, the ceiling is a real ceiling, the agreement numbers are there, and the report has its table.
+
+    Two things that made it the suite's slowest test are left to cheaper ones: `auto` in every case (on a CPU at
+    these sizes it runs the einsum itself, so each case compiled the einsum's model once more; `pi0_fit` still
+    runs `auto`'s training step beside the einsum's), and the fit ladder's second rung (the ladder's stopping
+    and reporting have their own tests above)."""
+    document = _openpi_run(tmp_path, "--openpi-fit-prompts", str(FIT_PROMPT))
     assert any("fixtures" in note for note in document["meta"]["notes"]), document["meta"]["notes"]
     records = document["records"]
     cases = {(r["case"], r["variant"]) for r in records}
     for case in OPENPI_CASES[:-1]:
-        for variant in ("einsum", "xla", "auto", "ceiling"):
+        for variant in ("einsum", "xla", "ceiling"):
             assert (case, variant) in cases, (case, variant)
-    assert {r["size"] for r in records if r["case"] == "fit"} == set(QUICK["openpi_fit_prompts"])
+    assert {(r["variant"], r["size"]) for r in records if r["case"] == "fit"} == {
+        ("einsum", FIT_PROMPT),
+        ("auto", FIT_PROMPT),
+    }
     by_case = {(r["case"], r["variant"]): r for r in records}
     for r in records:
         where = f"{r['case']} {r['variant']}"
@@ -278,7 +287,7 @@ def test_openpi_mode_runs_the_fixture_models(tmp_path):
 
 
 def _openpi_run(tmp_path, *extra: str) -> dict:
-    argv = ["--quick", "--scenarios", "openpi", "--backends", "xla,auto", "--budget-s", "900"]
+    argv = ["--quick", "--scenarios", "openpi", "--backends", "xla", "--budget-s", "900"]
     argv += ["--openpi-cases", ",".join(OPENPI_CASES), "--out", str(tmp_path), *extra]
     assert cli.main(argv, stream=io.StringIO()) == 0
     return json.loads((tmp_path / "results.json").read_text())

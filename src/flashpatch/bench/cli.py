@@ -40,6 +40,13 @@ def _ints(text: str) -> tuple[int, ...]:
     return values
 
 
+def _cache_dir(text: str) -> Path:
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file; give a directory for JAX's compilation cache")
+    return path
+
+
 def parser() -> argparse.ArgumentParser:
     p = cli.Parser(
         prog=PROG,
@@ -115,7 +122,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--openpi-cases",
         type=cli.names_from(lambda: OPENPI_CASES, "--openpi-cases"),
-        help=f"comma list of {','.join(OPENPI_CASES)} (default all but pi0_fit)",
+        help=f"comma list of {', '.join(OPENPI_CASES)} (default {', '.join(d.openpi_cases)})",
     )
     p.add_argument("--openpi-batch", type=cli.positive_int, help=f"pi0/pi0.5 training batch (default {d.openpi_batch})")
     p.add_argument(
@@ -156,7 +163,10 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=cli.non_negative_int, help=f"random seed, 0 or more (default {d.seed})")
     p.add_argument(
-        "--compile-cache", type=Path, help="JAX persistent compilation cache directory (reruns compile faster)"
+        "--compile-cache",
+        type=_cache_dir,
+        metavar="DIR",
+        help="JAX persistent compilation cache directory, created if missing (reruns compile faster)",
     )
     p.add_argument(
         "--render",

@@ -117,12 +117,17 @@ class Options:
             if not (no_budget or (math.isfinite(value) and value > 0)):
                 raise ValueError(f"{flag(name)} must be a positive number of seconds; got {value}")
         suffix = self.action_horizon + 1
-        for name in ("core_sizes", "train_sizes", "infer_sizes"):
+        builds = {
+            "core_sizes": "the core scenario times attention on pi0's mask",
+            "train_sizes": "the training scenarios run pi0's layout",
+            "infer_sizes": "pi0's inference runs its layout",
+        }
+        for name, what in builds.items():
             small = [t for t in getattr(self, name) if t < suffix + 8]
             if small:
                 raise ValueError(
-                    f"{flag(name)} must each be at least {suffix + 8} (the {suffix}-token action suffix plus 8); "
-                    f"got {_csv(small)}"
+                    f"{flag(name)} must each be at least {suffix + 8}: {what}, whose state and action tokens take "
+                    f"{suffix} (the action horizon + 1), plus 8 for images and prompt; got {_csv(small)}"
                 )
         small = [c for c in self.cache_sizes if c < self.decode_steps + 8]
         if small:

@@ -11,7 +11,7 @@ Cases (each for every variant: the einsum, each backend asked for, `auto`, the c
 - `<model>_sample`: `sample_actions` (pi0 / pi0.5: prefill + 10 denoising steps; pi0-FAST: prefill and
   greedy decoding with the KV cache), bf16 parameters as openpi's policies load them.
 - `pi0_fit` (asked for by name): the largest prompt that trains pi0 at the long-prompt batch on this
-  device, einsum against `auto`, over the prompt lengths `openpi_fit_prompts`.
+  device, einsum against `auto` (whatever --backends says), over the prompt lengths `openpi_fit_prompts`.
 
 Every batch is openpi's fake observation filled with random images, state and tokens, prompts padded
 to random lengths and the second camera missing in every third row, so that the masks have padding in
@@ -358,7 +358,7 @@ def run(harness: Harness) -> None:
             data.drop()
             grads.drop()
         if "pi0_fit" in o.openpi_cases:
-            fit(harness, models, [v for v in variants if v.name in (EINSUM, "auto")])
+            fit(harness, models, [Variant(EINSUM), Variant("auto")])  # what the case is: einsum against auto
     add_ceiling_shares(harness.records)
 
 
