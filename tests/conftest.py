@@ -54,7 +54,13 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def _clean_flashpatch():
-    """Every test starts and ends with flashpatch off and nothing patched (unless a session-wide install)."""
+def _clean_flashpatch(monkeypatch: pytest.MonkeyPatch):
+    """Every test starts and ends with flashpatch off and nothing patched (unless a session-wide install), with
+    no compile-guard verdicts of earlier tests, and blind to the developer's own `tune` tables (tests/test_tune.py
+    gives each of its tests a cache of its own)."""
+    from flashpatch.core import guard, tuning
+
+    monkeypatch.setenv(tuning.ENV, "off")
+    guard.forget()
     with fresh_state():
         yield
