@@ -157,27 +157,24 @@ def test_key_copy_gradients_are_summed_in_float32() -> None:
     assert grad.dtype == jnp.bfloat16 and float(grad[0, 0, 0, 0]) == pytest.approx(300 / 256, rel=1e-2)
 
 
-def test_the_backend_says_why_it_cannot_run(monkeypatch) -> None:
-    from flashpatch.backends import cudnn
+def test_the_backend_says_why_it_cannot_run() -> None:
+    import dataclasses
+
+    from flashpatch.backends import machine
 
     flash = backends.get("flash")
     problem = conformance.problem_of(conformance.CASES["pi0_padding_mid"], "bfloat16", "gpu")
-    monkeypatch.setattr(kernel, "load", lambda: 'dew-flash-attn is not installed (pip install "flashpatch[flash]")')
-    assert "flashpatch[flash" in flash.unsupported(problem)
-    import types
-
-    monkeypatch.setattr(kernel, "load", lambda: types.SimpleNamespace(ARCHITECTURES=("sm90",)))
-    monkeypatch.setattr(cudnn, "compute_capability", lambda: (8, 6))
-    assert "no code for compute capability 8.6" in flash.unsupported(problem)
-    monkeypatch.setattr(cudnn, "compute_capability", lambda: (9, 0))
-    assert flash.unsupported(problem) is None
-    too_wide = conformance.problem_of(conformance.CASES["pi0_padding_mid"], "bfloat16", "gpu")
-    import dataclasses
-
-    assert "up to 256" in flash.unsupported(dataclasses.replace(too_wide, head_dim=512))
-    assert "half" in flash.unsupported(dataclasses.replace(too_wide, k_dtype="float32", v_dtype="float32")) or (
-        "bfloat16" in flash.unsupported(dataclasses.replace(too_wide, k_dtype="float32", v_dtype="float32"))
-    )
+    current = {"jax": "0.12.0", "jaxlib": "0.12.0", "flash-attn-jax": None, "dew-flash-attn-cu13": None}
+    with machine.simulated("H100", versions_={**current, "dew-flash-attn-cu12": None}):
+        assert 'pip install "flashpatch[flash]"' in flash.unsupported(problem)
+    with machine.simulated("B200", versions_={**current, "dew-flash-attn-cu12": "0.3.6"}):
+        assert "no code for compute capability 10.0" in flash.unsupported(problem)
+    with machine.simulated("H100", versions_={**current, "dew-flash-attn-cu12": "0.3.6"}):
+        assert flash.unsupported(problem) is None
+        assert "up to 256" in flash.unsupported(dataclasses.replace(problem, head_dim=512))
+        assert "bfloat16" in flash.unsupported(dataclasses.replace(problem, k_dtype="float32", v_dtype="float32"))
+    with machine.simulated(None, versions_={**current, "dew-flash-attn-cu12": "0.3.6"}):
+        assert "need an NVIDIA GPU" in flash.unsupported(problem)
 
 
 def test_no_warning_on_openpi_masks(on_cpu) -> None:

@@ -1,11 +1,13 @@
-"""FlashAttention's own kernels (FA3 on Hopper, FA2 on Ampere and Ada) on openpi's masks.
+"""FlashAttention's own kernels on openpi's masks: FA3 on Hopper, FA2 elsewhere.
 
 The kernels take packed variable-length sequences but no mask. `segments` turns openpi's masks
 into such calls with no dense mask and no permuted queries; its docstring gives the decomposition
-and the measurements that chose it. The core reads each call's mask once and, where it is not one
-this packing computes exactly (not in chain form, more runs than the slots), runs the fastest exact
-path that runs here instead, in the graph (`flashpatch.core.selection.exact_fallback`): cuDNN's dense path on
-Hopper, else openpi's own attention.
+and why. Two libraries provide the kernel (`providers`): dew-flash-attn on JAX >= 0.11.2 and
+flash-attn-jax on JAX 0.6 to 0.8, each admitted on a GPU by the checks its own build holds
+(`builds`). The core reads each call's mask once and, where it is not one this packing computes
+exactly (not in chain form, more runs than the slots), runs the fastest exact path that runs here
+instead, in the graph (`flashpatch.core.selection.exact_fallback`): cuDNN's dense path on Hopper,
+else openpi's own attention.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from collections.abc import Callable
 
 import jax
 
-from flashpatch.backends import cudnn, masks
+from flashpatch.backends import machine, masks
 from flashpatch.backends.base import HALF_DTYPES, ChainBackend, Problem
-from flashpatch.backends.flash import kernel, segments
+from flashpatch.backends.flash import kernel, providers, segments
 from flashpatch.backends.masks import MaskPlan
 
 
@@ -39,8 +41,9 @@ class FlashBackend(ChainBackend):
             raise ValueError(f"slots must be positive; got {constant_slots} and {causal_slots}")
         self.constant_slots = constant_slots
         self.causal_slots = causal_slots
-        #: The kernel; None: dew-flash-attn's. Tests on CPU pass `segments.reference_varlen`.
-        self.varlen: Callable = varlen or kernel.varlen
+        #: The kernel; None: the provider that serves the GPU (`providers.choose`). Tests on CPU pass
+        #: `segments.reference_varlen`.
+        self.varlen: Callable | None = varlen
         self.structure = (
             f"block-causal, as openpi's masks are, with at most {constant_slots} runs of equal rank and "
             f"{causal_slots} causal run(s) per batch row"
@@ -54,12 +57,10 @@ class FlashBackend(ChainBackend):
             return f"flash needs k and v in one of {HALF_DTYPES}; got {problem.k_dtype} and {problem.v_dtype}"
         if problem.head_dim > kernel.MAX_HEAD_DIM:
             return f"FlashAttention takes head dims up to {kernel.MAX_HEAD_DIM}; got {problem.head_dim}"
-        if self.varlen is not kernel.varlen:
+        if self.varlen is not None:
             return None  # a kernel of the caller's own (tests)
-        module = kernel.load()
-        if isinstance(module, str):
-            return module
-        return kernel.gpu_limits(cudnn.compute_capability(), tuple(module.ARCHITECTURES))
+        choice = providers.choose(machine.gpu(), problem.head_dim)
+        return None if choice.provider is not None else choice.reason
 
     def accepts(self, plan: MaskPlan, problem: Problem) -> jax.Array:
         p = self._plan(plan)
@@ -76,7 +77,7 @@ class FlashBackend(ChainBackend):
             *masks.sorted_keys(k, v, plan, p.k_order),
             p,
             plan.rank,
-            self.varlen,
+            self.varlen or providers.choose(machine.gpu(), problem.head_dim).varlen,
             self.constant_slots,
             self.causal_slots,
             with_causal=problem.causal_runs,

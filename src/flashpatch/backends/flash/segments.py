@@ -29,13 +29,10 @@ permutation with a gather for its gradient (`masks.permute_rows`).
 
 Why this decomposition: the alternatives move the big tensor. Sorting query rows valid-first (what
 cudnn_split does for cuDNN) gathers q, the output and both their gradients, (B, T, 8, 256) each, on
-every call; the copies here move K and V, an eighth of that. Measured on the H200 against the
-einsum and cuDNN, FA3 through dew-flash-attn 0.3.6, fwd / fwd+bwd (docs/benchmarks.md,
-"FlashAttention"): pi0 at B=32, T=867: 0.86 / 3.60 ms, against the einsum's 2.66 / 4.71 and
-cudnn_split's 1.57 / 3.57; pi0-FAST at B=32, T=1018 (a causal suffix of 250): 0.95 / 3.69 against
-2.49 / 6.63 (einsum) and 2.03 / 6.08 (cuDNN's dense path); FA3 with no mask at all on the same
-shapes, the floor: 0.48 / 2.19 and 0.56 / 2.71. The causal call costs 0.14 / 0.52 ms even with
-nothing in it, hence `Problem.causal_runs`: pi0's and pi0.5's calls leave it out.
+every call; the copies here move K and V, an eighth of that. How it compares with the einsum, cuDNN and
+FA3 with no mask at all (the floor), and what the causal call costs even with nothing in it (hence
+`Problem.causal_runs`: pi0's and pi0.5's calls leave it out), was measured on the H200 with FA3:
+docs/benchmarks.md, "FlashAttention" and its "The attention core alone, and inside a layer scan".
 
 The mask analysis and the refusal check run in every layer. Doing both once per call of openpi's layer
 stack (one conditional around the whole stack instead of one per layer) was built and measured on the
@@ -67,7 +64,8 @@ class VarlenKernel(Protocol):
     q (Tq, N, H), k and v (Tk, K, H); segment m pairs query rows cu_q[m]:cu_q[m+1] with key rows
     cu_k[m]:cu_k[m+1]; causal aligns each segment's staircase to its last key. Softmax scale 1 (q
     comes pre-scaled). Rows of a segment with no keys must come out as zeros (the two calls' outputs
-    are added; FA3 writes zeros there, measured) and their gradients finite.
+    are added; FA3 writes zeros there, measured on the H200; FA2's forward writes zeros and an
+    infinite log-sum-exp there, flash_fwd_kernel.h, not run here) and their gradients finite.
     """
 
     def __call__(self, q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool) -> jax.Array: ...
