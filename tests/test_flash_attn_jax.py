@@ -16,7 +16,6 @@ import math
 import os
 import sys
 import types
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +49,7 @@ class StandIn:
         *,
         max_seqlen_q: int = -1,
         max_seqlen_k: int = -1,
-        softmax_scale: Optional[float] = None,  # noqa: UP045 (the library's own annotation)
+        softmax_scale: float | None = None,
         is_causal: bool = False,
         window_size: tuple = (-1, -1),
     ):
@@ -160,7 +159,11 @@ def _real_library():
 
 def test_the_stand_in_has_the_library_s_signature() -> None:
     library = _real_library()
-    assert inspect.signature(library.flash_mha_varlen) == inspect.signature(StandIn().flash_mha_varlen)
+
+    def parameters(function) -> list:
+        return [(p.name, p.kind, p.default) for p in inspect.signature(function).parameters.values()]
+
+    assert parameters(library.flash_mha_varlen) == parameters(StandIn().flash_mha_varlen)
 
 
 def test_the_adapter_s_call_traces_through_the_real_library(monkeypatch) -> None:
@@ -183,6 +186,38 @@ def test_the_adapter_s_call_traces_through_the_real_library(monkeypatch) -> None
         )
         assert (out.shape, out.dtype) == ((rows, heads, width), jnp.bfloat16)
         assert [(g.shape, g.dtype) for g in grads] == [(x.shape, x.dtype) for x in (q, k, v)]
+
+
+def test_the_adapter_s_call_lowers_for_cuda_through_the_real_library(monkeypatch) -> None:
+    """Lowered for CUDA on this CPU (jax.export), through the library's own lowering rules: the FFI calls of its
+    forward and backward with the adapter's attributes. Its multiprocessor count comes from the shim (the
+    library's own asks the CUDA runtime for a GPU, which fails here)."""
+    from jax import export
+
+    library = _real_library()
+    monkeypatch.setattr(flash_attn_jax, "load", lambda: library)
+    for name in flash_attn_jax._COUNTING_MODULES:
+        monkeypatch.setattr(sys.modules[name], "get_sm_count", sys.modules[name].get_sm_count)
+    monkeypatch.setattr(flash_attn_jax, "_jax_multiprocessors", lambda device_idx=0: 108)
+    flash_attn_jax._multiprocessors_from_jax()
+    q = jax.ShapeDtypeStruct((96, 8, 256), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((160, 1, 256), jnp.bfloat16)
+    offsets = jax.ShapeDtypeStruct((4,), jnp.int32)
+
+    def loss(q, k, v, cu_q, cu_k):
+        return jnp.sum(flash_attn_jax.varlen(q, k, v, cu_q, cu_k, 56, 100, True).astype(jnp.float32))
+
+    targets = ("flash_mha_varlen_fwd", "flash_mha_varlen_bwd")
+    exported = export.export(
+        jax.jit(jax.grad(loss, argnums=(0, 1, 2))),
+        platforms=["cuda"],
+        disabled_checks=[export.DisabledSafetyCheck.custom_call(t) for t in targets],
+    )(q, k, k, offsets, offsets)
+    text = exported.mlir_module()
+    for target in targets:
+        call = next(line for line in text.splitlines() if f"custom_call @{target}(" in line)
+        assert "is_causal = true" in call and "max_seqlen_q = 56" in call and "max_seqlen_k = 100" in call, call
+        assert "softmax_scale = 1.0" in call, call
 
 
 def test_the_stand_in_computes_the_contract() -> None:

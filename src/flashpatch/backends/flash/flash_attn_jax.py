@@ -104,14 +104,15 @@ def _multiprocessors_from_jax() -> None:
     the user's jit), and where a system CUDA toolkit provides the name it may be another CUDA major. Its modules get
     JAX's own count (the device's core_count) instead; a release without the function is left as it is."""
 
-    @functools.cache
-    def count(device_idx: int = 0) -> int:
-        return int(jax.devices()[device_idx].core_count)
-
+    count = functools.cache(lambda device_idx=0: _jax_multiprocessors(device_idx))
     for name in _COUNTING_MODULES:
         module = sys.modules.get(name)
         if module is not None and callable(getattr(module, "get_sm_count", None)):
             module.get_sm_count = count
+
+
+def _jax_multiprocessors(device_idx: int = 0) -> int:
+    return int(jax.devices()[device_idx].core_count)
 
 
 def varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool) -> jax.Array:
