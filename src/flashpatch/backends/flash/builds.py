@@ -306,12 +306,16 @@ def _same(found: Release, recorded: Release) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`--check WHEEL...`: each wheel's release against `RECORDED` (exit 1 on a difference); WHEEL...: print."""
+    """`--check WHEEL...`: each wheel's release against `RECORDED` (exit 1 on a difference); WHEEL...: print
+    each; `--recorded`: the recorded releases as requirements (name==version)."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if args == ["--recorded"]:  # what CI downloads to check
+        print(" ".join(f"{name}=={version}" for name, version in RECORDED))
+        return 0
     check = "--check" in args
     wheels = [Path(a) for a in args if a != "--check"]
     if not wheels:
-        print("usage: python -m flashpatch.backends.flash.builds [--check] WHEEL...", file=sys.stderr)
+        print("usage: python -m flashpatch.backends.flash.builds [--check] WHEEL... | --recorded", file=sys.stderr)
         return 2
     status = 0
     for wheel in wheels:
