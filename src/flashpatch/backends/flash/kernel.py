@@ -2,10 +2,11 @@
 
 dew-flash-attn ships FlashAttention-3 for Hopper (sm90) and FlashAttention-2 built for sm80, whose code every
 compute capability 8.x runs (A100, A6000, L40S, RTX 3090 / 4090), and for sm120 (RTX 5090, RTX PRO 6000); nothing
-for sm100 (B200). One function takes packed variable-length sequences on either. It needs JAX >= 0.11.2 and the
-wheel of JAX's CUDA major (`dew-flash-attn-cu12` / `-cu13`): `pip install "flashpatch[flash]"`. What each release
-holds is read from its files (`builds`), so a newer release is judged by what it holds. Nothing here imports the
-library before the backend is asked for.
+for sm100 (B200). FA2's API refuses a head dim above 192 in the backward on 8.6 and 8.9, so there openpi's head_dim
+256 does not train with it. One function takes packed variable-length sequences on either. It needs JAX >= 0.11.2
+and the wheel of JAX's CUDA major (`dew-flash-attn-cu12` / `-cu13`): `pip install "flashpatch[flash]"`. What each
+release holds is read from its files (`builds`), so a newer release is judged by what it holds. Nothing here
+imports the library before the backend is asked for.
 """
 
 from __future__ import annotations
