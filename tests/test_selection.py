@@ -6,14 +6,13 @@ device memory); nothing here needs a GPU.
 
 from __future__ import annotations
 
-import types
+import contextlib
 
 import pytest
 
 from flashpatch import backends
-from flashpatch.backends import cudnn
+from flashpatch.backends import cudnn, machine
 from flashpatch.backends.base import Problem
-from flashpatch.backends.flash import kernel as flash_kernel
 from flashpatch.core import selection
 
 GIB = 2**30
@@ -27,22 +26,24 @@ def _gpu_problem(batch: int, q_len: int, kv_len: int | None = None, *, causal_ru
 
 @pytest.fixture
 def gpu(monkeypatch):
-    """Pretend to be a GPU: set_gpu(capability, cudnn version, flash library's builds or None, memory)."""
+    """Pretend to be a GPU: set_gpu(capability, cudnn version, dew-flash-attn installed, memory). The flash backend
+    reads the GPU and the installed versions through `machine` (current JAX; dew-flash-attn's builds from its
+    record, `flash.builds`)."""
+    with contextlib.ExitStack() as stack:
 
-    def set_gpu(capability=(9, 0), cudnn_version=90800, flash=None, memory=140 * GIB):
-        monkeypatch.setattr(cudnn, "compute_capability", lambda: capability)
-        monkeypatch.setattr(cudnn, "cudnn_version", lambda: cudnn_version)
-        monkeypatch.setattr(cudnn, "jax_rejects", lambda problem, use_seq_lengths=True: None)
-        module = (
-            'dew-flash-attn is not installed (pip install "flashpatch[flash]")'
-            if flash is None
-            else types.SimpleNamespace(ARCHITECTURES=flash)
-        )
-        monkeypatch.setattr(flash_kernel, "load", lambda: module)
-        monkeypatch.setattr(selection, "device_memory", lambda: memory)
+        def set_gpu(capability=(9, 0), cudnn_version=90800, flash=False, memory=140 * GIB):
+            stack.close()
+            monkeypatch.setattr(cudnn, "compute_capability", lambda: capability)
+            monkeypatch.setattr(cudnn, "cudnn_version", lambda: cudnn_version)
+            monkeypatch.setattr(cudnn, "jax_rejects", lambda problem, use_seq_lengths=True: None)
+            monkeypatch.setattr(selection, "device_memory", lambda: memory)
+            installed = {"jax": "0.12.0", "jaxlib": "0.12.0", "flash-attn-jax": None, "dew-flash-attn-cu13": None}
+            installed["dew-flash-attn-cu12"] = "0.3.6" if flash else None
+            simulated = machine.Gpu.of("simulated GPU", capability)
+            stack.enter_context(machine.simulated(simulated, cudnn=cudnn_version, versions_=installed))
 
-    set_gpu()
-    return set_gpu
+        set_gpu()
+        yield set_gpu
 
 
 PI0_B32 = (32, 867)
@@ -76,22 +77,22 @@ def test_hopper_without_flash(gpu, shape, expected: str) -> None:
 @pytest.mark.parametrize("shape", [PI0_B32, PI0_LONG, PI0_HUGE, (2, 4096)])
 @pytest.mark.parametrize("causal_runs", [False, True], ids=["pi0", "pi0_fast"])
 def test_flash_first_where_installed(gpu, shape, causal_runs: bool) -> None:
-    gpu(flash=("sm80", "sm90"))
+    gpu(flash=True)
     choice = selection.choose("auto", _gpu_problem(*shape, causal_runs=causal_runs))
     assert choice.backend == "flash", choice
 
 
 @pytest.mark.parametrize("shape", [(8, 1, 4096), (1, 51, 1075), (2, 1024, 1024)])
 def test_flash_not_where_the_einsum_is_faster(gpu, shape) -> None:
-    gpu(flash=("sm80", "sm90"))
+    gpu(flash=True)
     assert selection.choose("auto", _gpu_problem(*shape)).backend == "reference"
 
 
 def test_flash_not_in_the_band_where_it_was_not_measured(gpu) -> None:
     """Between 2**25 and 3 * 2**25 pairs flash was not measured: cuDNN on Hopper, else openpi's own attention."""
-    gpu(flash=("sm80", "sm90"))
+    gpu(flash=True)
     assert selection.choose("auto", _gpu_problem(*PI0_B8)).backend == "cudnn"
-    gpu(capability=(8, 0), flash=("sm80", "sm90"))
+    gpu(capability=(8, 0), flash=True)
     assert selection.choose("auto", _gpu_problem(*PI0_B8)).backend == "reference"
 
 
@@ -128,16 +129,24 @@ def test_pi0_fast_without_cudnn_takes_the_pallas_kernel(gpu, capability) -> None
     assert selection.choose("auto", _gpu_problem(*FAST_B32, causal_runs=True)).backend == "pallas"
 
 
-@pytest.mark.parametrize("capability", [(8, 0), (8, 6), (8, 9)])
-def test_flash_on_ampere_and_ada(gpu, capability) -> None:
-    gpu(capability=capability, flash=("sm80", "sm90"))
-    assert selection.choose("auto", _gpu_problem(*PI0_B32)).backend == "flash"
+@pytest.mark.parametrize(
+    ("capability", "expected"),
+    [((8, 0), "flash"), ((8, 6), "pallas"), ((8, 9), "pallas")],
+    ids=["A100", "A6000", "L40S"],
+)
+def test_flash_on_ampere_and_ada(gpu, capability, expected) -> None:
+    """FA2's backward refuses head_dim 256 on 8.6 and 8.9 (its check: is_sm80 || is_sm90 || is_sm1xx)."""
+    gpu(capability=capability, flash=True)
+    choice = selection.choose("auto", _gpu_problem(*PI0_B32))
+    assert choice.backend == expected, choice
+    if expected != "flash":
+        assert "backward refuses head dim 256" in choice.reason
 
 
 def test_flash_library_without_code_for_the_gpu(gpu) -> None:
-    gpu(capability=(7, 5), flash=("sm80", "sm90"))
+    gpu(capability=(7, 5), flash=True)
     choice = selection.choose("auto", _gpu_problem(*PI0_B32))
-    assert choice.backend == "pallas", choice
+    assert choice.backend == "reference", choice  # Pallas Triton too is Ampere and later (machine sees 7.5 now)
     assert "no code for compute capability 7.5" in choice.reason
 
 
