@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from flashpatch import versions
 from flashpatch.backends import machine
 from flashpatch.backends.base import DenseBackend, Problem
 
@@ -190,6 +191,29 @@ def cudnn_attention(
     return out[:, :t].astype(out_dtype)
 
 
+#: JAX's own head-dim rule for cuDNN attention (`check_is_flash_attention` in
+#: jax/_src/cudnn/fused_attention_stablehlo.py): up to 128, or 256 on compute capability exactly 9.0 with cuDNN
+#: 9.5+ before jax 0.8.2 (`is_cuda_compute_capability_equal("9.0")`, as in 0.5.3), on 9.0 and newer from 0.8.2
+#: (`check_compute_capability("9.0")`, as in 0.12).
+JAX_HEAD_DIM_ANY_HOPPER_OR_NEWER = "0.8.2"
+
+
+def simulated_jax_rule(problem: Problem) -> str | None:
+    """`jax_rejects` for a simulated GPU (`machine.simulated`), whose JAX cannot be traced against it: JAX's rule
+    by the simulated JAX version. On a real GPU JAX's own checks are traced instead."""
+    gpu, jax_version = machine.gpu(), versions.installed("jax")
+    if gpu is None or jax_version is None or problem.head_dim <= MAX_HEAD_DIM:
+        return None
+    any_newer = versions.satisfies(jax_version, f">={JAX_HEAD_DIM_ANY_HOPPER_OR_NEWER}")
+    if gpu.capability == HOPPER or (any_newer and gpu.capability >= HOPPER):
+        return None
+    where = "9.0 or newer" if any_newer else "exactly 9.0"
+    return (
+        f"JAX's cuDNN attention refuses it: jax {jax_version} takes head dim {problem.head_dim} only on compute "
+        f"capability {where}; this GPU has {gpu.capability[0]}.{gpu.capability[1]}"
+    )
+
+
 @functools.lru_cache(maxsize=512)
 def jax_rejects(problem: Problem, use_seq_lengths: bool = True) -> str | None:
     """What JAX's own cuDNN checks (they differ across JAX versions) say about `problem`, or None.
@@ -232,7 +256,9 @@ class CudnnBackend(DenseBackend):
         if reason is None:
             reason = hardware_limits(problem.head_dim, cudnn_version(), compute_capability())
         if reason is None:
-            reason = jax_rejects(problem, self.use_seq_lengths)
+            reason = (
+                simulated_jax_rule(problem) if machine.is_simulated() else jax_rejects(problem, self.use_seq_lengths)
+            )
         return reason
 
     def attend(self, q, k, v, mask, problem: Problem):

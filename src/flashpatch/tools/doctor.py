@@ -16,7 +16,22 @@ if TYPE_CHECKING:
     from flashpatch.switch.settings import Settings
 
 #: What flashpatch runs on or can use (kvax and its Triton stack: the kvax backend).
-PACKAGES = ("flashpatch", "jax", "jaxlib", "flax", "wrapt", "numpy", "kvax", "jax-triton", "triton")
+PACKAGES = (
+    "flashpatch",
+    "jax",
+    "jaxlib",
+    "jax-cuda12-plugin",
+    "jax-cuda13-plugin",
+    "flax",
+    "wrapt",
+    "numpy",
+    "dew-flash-attn-cu12",
+    "dew-flash-attn-cu13",
+    "flash-attn-jax",
+    "kvax",
+    "jax-triton",
+    "triton",
+)
 DTYPES = ("bfloat16", "float16", "float32")
 
 
@@ -75,8 +90,9 @@ def report(args: argparse.Namespace) -> str:
     import jax
 
     from flashpatch import targets, versions
-    from flashpatch.core import selection, tuning
+    from flashpatch.core import guard, selection, tuning
     from flashpatch.switch import jit_key as jit_cache
+    from flashpatch.tools import support
 
     lines = ["flashpatch doctor", "", "versions:"]
     lines += [f"  python {platform.python_version()} ({sys.executable})"]
@@ -109,15 +125,47 @@ def report(args: argparse.Namespace) -> str:
         asked, label = env.backend, f"FLASHPATCH_BACKEND={env.backend}"
     else:
         asked, label = "auto", "auto"
-    choice = selection.choose(asked, problem)
+    choice = selection.choose(asked, problem, guard.failure)
     lines += ["", f"{label} picks: {choice.backend}", f"  because {choice.reason}"]
-    lines += [
-        f"  auto's GPU rules were measured on: {', '.join(selection.MEASURED_GPUS)}; on other GPUs (A100, A6000, "
-        "L40S, RTX 3090 / 4090) the same rules run unmeasured, and never pick a path measured slower than "
-        "openpi's own attention"
-    ]
+    lines += [f"  compile guard: {_guard_line(problem)}"]
+    lines += ["", "openpi's training calls on this machine (docs/user-guide.md, 'Support matrix'):"]
+    lines += [f"  {line}" for line in support.own_row()]
+    lines += ["", f"pallas and JAX's Pallas Triton: {_pallas_triton_line()}"]
     lines += ["", *tuning.report()]
     return "\n".join(lines)
+
+
+def _guard_line(problem) -> str:
+    from flashpatch.core import guard
+
+    setting = os.environ.get(guard.ENV, "").strip() or "unset"
+    if not guard.applies(problem):
+        return f"not applied to this call ({guard.ENV}={setting}; it guards GPU calls unless set to 0)"
+    return f"on ({guard.ENV}={setting}): a backend that fails to compile here gives way, with one warning"
+
+
+def _pallas_triton_line() -> str:
+    """What the Pallas Triton deprecation means on the installed JAX (docs/user-guide.md, the deprecation)."""
+    from flashpatch import versions
+    from flashpatch.backends.pallas import gates
+
+    missing = gates.backend_missing()
+    if missing is not None:
+        return missing
+    jax_version = versions.installed("jax")
+    if jax_version is None:
+        return "JAX is not installed"
+    if versions.satisfies(jax_version, gates.NAMED_GPUS_JAX):
+        return (
+            f"jax {jax_version} lowers Pallas Triton only for GPUs it knows by name (the RTX A6000, RTX 3090, "
+            "L40S and RTX 5090 are not among them): pallas declines those; jax 0.11.2 or newer takes any GPU"
+        )
+    if versions.satisfies(jax_version, ">=0.11.2"):
+        return (
+            f"{gates.DEPRECATION}. On jax {jax_version} each lowering of the pallas kernels warns so (kept out of "
+            "pytest --flashpatch sessions); pallas runs as before"
+        )
+    return f"jax {jax_version} lowers Pallas Triton without a deprecation warning"
 
 
 def main(argv: list[str] | None = None) -> int:
