@@ -67,9 +67,7 @@ def main() -> int:
         type=cli_args.one_of(flashpatch.backend_choices, "--backend"),
         help=f"one of {', '.join(flashpatch.backend_choices())} (default: xla on a CPU, auto on a GPU)",
     )
-    parser.add_argument(
-        "--length", type=cli_args.positive_int, default=1024, help="tokens per sequence (default 1024)"
-    )
+    parser.add_argument("--length", type=cli_args.positive_int, default=1024, help="tokens per sequence (default 1024)")
     parser.add_argument("--batch", type=cli_args.positive_int, default=2, help="sequences (default 2)")
     parser.add_argument(
         "--dtype",

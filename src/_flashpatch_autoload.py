@@ -10,6 +10,7 @@ PYTEST_DONT_REWRITE: pytest marks every module of a plugin's distribution for as
 warns about those already imported; this one is imported before pytest starts, and has no asserts.
 """
 
+import contextlib
 import os
 import sys
 import warnings
@@ -38,10 +39,8 @@ def _warn(message, category=UserWarning, at_user_line=False):
             return
         diagnostics.warn(message, category, at_user_line=at_user_line)
     except Exception:
-        try:
+        with contextlib.suppress(Exception):  # no stderr at all: startup still goes on
             sys.stderr.write(f"{category.__name__}: {message}\n")
-        except Exception:  # pragma: no cover - no stderr at all: startup still goes on
-            pass
 
 
 def _main():
@@ -51,9 +50,8 @@ def _main():
         import wrapt
 
         from flashpatch import openpi_sites
-
-        from flashpatch.switch import settings
         from flashpatch.diagnostics import FlashpatchWarning
+        from flashpatch.switch import settings
     except Exception as err:  # a broken install must not stop the interpreter
         _warn(f"flashpatch: FLASHPATCH is set but flashpatch cannot load ({err!r}); openpi will run unpatched")
         return

@@ -53,9 +53,7 @@ def test_jaxs_own_head_dim_rule_by_version(gpu: str, jax: str, refused: bool) ->
 
 
 def _doctor_args(**changes) -> argparse.Namespace:
-    values = dict(
-        backend=None, batch=1, q_len=867, kv_len=867, heads=8, kv_heads=1, head_dim=256, dtype="bfloat16"
-    )
+    values = dict(backend=None, batch=1, q_len=867, kv_len=867, heads=8, kv_heads=1, head_dim=256, dtype="bfloat16")
     values["no_causal_runs"] = False
     values.update(changes)
     return argparse.Namespace(**values)

@@ -26,8 +26,7 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import environment, log, median_ms, medians_in_rounds, openpi_mask, qkv, rel_err, write
 
 import flashpatch
-from flashpatch.backends import masks
-from flashpatch.backends import cudnn_split
+from flashpatch.backends import cudnn_split, masks
 from flashpatch.backends import kvax as kvax_backend
 from flashpatch.backends.kvax import compat as kvax_compat
 from flashpatch.backends.kvax import tuning as kvax_tuning

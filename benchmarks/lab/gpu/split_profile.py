@@ -34,12 +34,11 @@ from common import environment, log, medians_in_rounds, openpi_mask, qkv, write
 
 import flashpatch
 from flashpatch import backends
-from flashpatch.core import run as core
-from flashpatch.core import selection
-from flashpatch.backends import masks
-from flashpatch.backends import cudnn_split
+from flashpatch.backends import cudnn_split, masks
 from flashpatch.backends.base import Problem
 from flashpatch.backends.reference import reference_attention
+from flashpatch.core import run as core
+from flashpatch.core import selection
 
 
 def variants(problem: Problem) -> dict:
