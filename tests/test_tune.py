@@ -26,9 +26,10 @@ import pytest
 import flashpatch
 from flashpatch.backends import machine, masks, meshes
 from flashpatch.backends.base import DenseBackend, Problem
+from flashpatch.bench import tune
 from flashpatch.core import guard, selection, tuning
 from flashpatch.diagnostics import FlashpatchWarning
-from flashpatch.tools import doctor, openpi_shapes, tune
+from flashpatch.tools import doctor, openpi_shapes
 
 PINS = {"jax": "0.5.3", "jaxlib": "0.5.3"}
 NEWER = {"jax": "0.6.0", "jaxlib": "0.6.0"}

@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
 
         return bench(rest)
     if command == "tune":
-        from flashpatch.tools import tune
+        from flashpatch.bench import tune
 
         return tune.main(rest)
     message = f"unknown command {command!r}; the commands are doctor, bench and tune (or --version, --help)"

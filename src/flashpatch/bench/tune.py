@@ -506,5 +506,5 @@ def main(
     return 0
 
 
-if __name__ == "__main__":  # `python -m flashpatch.tools.tune` is `python -m flashpatch tune`
+if __name__ == "__main__":  # `python -m flashpatch.bench.tune` is `python -m flashpatch tune`
     raise SystemExit(main())
