@@ -175,9 +175,9 @@ def test_under_a_mesh_it_compiles_one_shard(monkeypatch) -> None:
 
     problem = Problem(32, 8, 8, 2, 1, 16, "float32", "float32", "float32", "float32", "cpu")
     monkeypatch.setattr(meshes, "active_mesh", lambda: Mesh())
-    assert guard._per_shard(problem).batch == 8
+    assert meshes.per_device(problem).batch == 8
     monkeypatch.setattr(meshes, "active_mesh", lambda: None)
-    assert guard._per_shard(problem).batch == 32
+    assert meshes.per_device(problem).batch == 32
 
 
 def test_a_simulated_gpu_is_not_compiled_for() -> None:

@@ -27,7 +27,7 @@ import flashpatch
 from flashpatch.backends import machine, masks, meshes
 from flashpatch.backends.base import DenseBackend, Problem
 from flashpatch.bench import tune
-from flashpatch.core import guard, selection, tuning
+from flashpatch.core import selection, tuning
 from flashpatch.diagnostics import FlashpatchWarning
 from flashpatch.tools import doctor, openpi_shapes
 
@@ -433,10 +433,6 @@ def test_tune_is_a_command() -> None:
     )
     assert done.returncode == 0 and "pi05 train: B=32 T=1018 S=1018" in done.stdout, done.stdout + done.stderr
     assert f"would write {env.get('XDG_CACHE_HOME')}" in done.stdout
-
-
-def test_the_table_keys_on_every_version_the_guard_does() -> None:
-    assert set(guard.DECIDING) <= set(tuning.VERSIONED) and "flashpatch" in tuning.VERSIONED
 
 
 # ------------------------------------------------------------------------------------------- a small real run

@@ -89,6 +89,22 @@ TESTED = {
 }
 
 
+#: The distributions whose versions decide how an attention kernel lowers, compiles and runs: what the compile
+#: guard keys its verdicts on, what a `tune` table is valid for (with flashpatch itself), what doctor lists.
+KERNEL_STACK = (
+    "jax",
+    "jaxlib",
+    "jax-cuda12-plugin",
+    "jax-cuda13-plugin",
+    "dew-flash-attn-cu12",
+    "dew-flash-attn-cu13",
+    "flash-attn-jax",
+    "kvax",
+    "jax-triton",
+    "triton",
+)
+
+
 def stack(names: Iterable[str], lookup: Lookup | None = None) -> dict[str, Version | None]:
     """Installed versions of `names`, None where one is missing."""
     return {name: installed(name, lookup) for name in names}

@@ -83,6 +83,17 @@ class Problem:
         """(query, key) pairs over batch and heads: the size of openpi's logits."""
         return self.batch * self.num_heads * self.q_len * self.kv_len
 
+    def abstract_inputs(self) -> tuple[jax.ShapeDtypeStruct, ...]:
+        """(q, k, v, mask) of this problem's shapes and dtypes, mask (B, T, S) bool: for tracing or compiling a
+        backend without data."""
+        b, t, s, h = self.batch, self.q_len, self.kv_len, self.head_dim
+        return (
+            jax.ShapeDtypeStruct((b, t, self.num_heads, h), self.q_dtype),
+            jax.ShapeDtypeStruct((b, s, self.num_kv_heads, h), self.k_dtype),
+            jax.ShapeDtypeStruct((b, s, self.num_kv_heads, h), self.v_dtype),
+            jax.ShapeDtypeStruct((b, t, s), jnp.bool_),
+        )
+
     @classmethod
     def of(
         cls, q: jax.Array, k: jax.Array, v: jax.Array, probs_dtype: np.dtype, platform: str, causal_runs: bool = True

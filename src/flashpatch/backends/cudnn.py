@@ -221,13 +221,7 @@ def jax_rejects(problem: Problem, use_seq_lengths: bool = True) -> str | None:
     Traces forward and backward abstractly (nothing is compiled or run), so a shape that JAX would
     refuse inside a model falls back instead of raising.
     """
-    b, t, s, h = problem.batch, problem.q_len, problem.kv_len, problem.head_dim
-    args = (
-        jax.ShapeDtypeStruct((b, t, problem.num_heads, h), problem.q_dtype),
-        jax.ShapeDtypeStruct((b, s, problem.num_kv_heads, h), problem.k_dtype),
-        jax.ShapeDtypeStruct((b, s, problem.num_kv_heads, h), problem.v_dtype),
-        jax.ShapeDtypeStruct((b, t, s), jnp.bool_),
-    )
+    args = problem.abstract_inputs()
 
     def loss(q, k, v, mask):
         out = cudnn_attention(q, k, v, mask, jnp.float32, use_seq_lengths=use_seq_lengths)

@@ -6,10 +6,15 @@ in JAX's mesh context; other code uses `jax.set_mesh` / `with mesh:`; inference 
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
+
+if TYPE_CHECKING:
+    from flashpatch.backends.base import Problem
 
 #: Modules that keep a mesh like openpi does: `<module>._MeshState.active_mesh` (others add theirs with
 #: `register_holder`).
@@ -52,6 +57,20 @@ def batch_axes(mesh: jax.sharding.Mesh) -> tuple[str, ...]:
     names = tuple(mesh.axis_names)
     chosen = tuple(a for a in DATA_AXES if a in names)
     return chosen or names
+
+
+def per_device(problem: Problem) -> Problem:
+    """`problem` as one device sees it under the mesh in force: the batch split over the mesh's data axes (what a
+    kernel meets when XLA partitions the call along the batch)."""
+    mesh = active_mesh()
+    if mesh is None:
+        return problem
+    split = 1
+    for axis in batch_axes(mesh):
+        split *= mesh.shape[axis]
+    if split <= 1 or problem.batch % split:
+        return problem
+    return dataclasses.replace(problem, batch=problem.batch // split)
 
 
 def _has_devices(mesh) -> bool:

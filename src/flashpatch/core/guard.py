@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import dataclasses
 import functools
 import os
 import threading
@@ -35,19 +34,6 @@ from flashpatch.backends import machine, meshes
 from flashpatch.backends.base import Problem
 from flashpatch.core import run
 
-#: Distributions whose versions decide how a kernel lowers and compiles (a verdict is kept per set of them).
-DECIDING = (
-    "jax",
-    "jaxlib",
-    "jax-cuda12-plugin",
-    "jax-cuda13-plugin",
-    "dew-flash-attn-cu12",
-    "dew-flash-attn-cu13",
-    "flash-attn-jax",
-    "kvax",
-    "jax-triton",
-    "triton",
-)
 ENV = "FLASHPATCH_GUARD"
 _OFF = ("0", "off", "false", "no")
 
@@ -80,7 +66,7 @@ def failure(name: str, problem: Problem) -> str | None:
     the guard does not apply). One compile per (device, versions, backend, shapes) per process."""
     if name == backends.REFERENCE or not applies(problem):
         return None
-    shard = _per_shard(problem)
+    shard = meshes.per_device(problem)
     key = (_device(), _versions(), name, shard)
     with _lock:
         if key in _verdicts:
@@ -123,32 +109,13 @@ def _device() -> str:
 
 
 def _versions() -> tuple[tuple[str, str | None], ...]:
-    found = versions.stack(DECIDING)
+    found = versions.stack(versions.KERNEL_STACK)
     return tuple((name, None if version is None else str(version)) for name, version in found.items())
-
-
-def _per_shard(problem: Problem) -> Problem:
-    """`problem` as one device sees it under the mesh in force: the batch split over the data axes."""
-    mesh = meshes.active_mesh()
-    if mesh is None:
-        return problem
-    split = 1
-    for axis in meshes.batch_axes(mesh):
-        split *= mesh.shape[axis]
-    if split <= 1 or problem.batch % split:
-        return problem
-    return dataclasses.replace(problem, batch=problem.batch // split)
 
 
 def _compile(name: str, problem: Problem) -> str | None:
     """Lower and compile the backend's part of the graph alone, forward and backward; the error, or None."""
-    b, t, s, h = problem.batch, problem.q_len, problem.kv_len, problem.head_dim
-    args = (
-        jax.ShapeDtypeStruct((b, t, problem.num_heads, h), problem.q_dtype),
-        jax.ShapeDtypeStruct((b, s, problem.num_kv_heads, h), problem.k_dtype),
-        jax.ShapeDtypeStruct((b, s, problem.num_kv_heads, h), problem.v_dtype),
-        jax.ShapeDtypeStruct((b, t, s), jnp.bool_),
-    )
+    args = problem.abstract_inputs()
 
     def forward(q, k, v, mask):
         return run.run(q, k, v, mask, backends.get(name), problem)

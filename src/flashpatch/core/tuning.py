@@ -47,21 +47,8 @@ from flashpatch.backends.base import Problem
 SCHEMA = "flashpatch-tune/1"
 ENV = "FLASHPATCH_TUNE_TABLE"
 _OFF = ("0", "off", "false", "no", "none")
-#: flashpatch and the distributions whose versions decide how a kernel lowers and runs (the compile guard's
-#: `DECIDING`; a test keeps them together).
-VERSIONED = (
-    "flashpatch",
-    "jax",
-    "jaxlib",
-    "jax-cuda12-plugin",
-    "jax-cuda13-plugin",
-    "dew-flash-attn-cu12",
-    "dew-flash-attn-cu13",
-    "flash-attn-jax",
-    "kvax",
-    "jax-triton",
-    "triton",
-)
+#: flashpatch and the distributions whose versions decide how a kernel lowers and runs.
+VERSIONED = ("flashpatch", *versions.KERNEL_STACK)
 FORWARD = "forward"
 FORWARD_BACKWARD = "forward_backward"
 MODES = (FORWARD, FORWARD_BACKWARD)
@@ -342,18 +329,10 @@ def write(table: Table, path: Path) -> None:
 
 
 def per_device(problem: Problem) -> Problem:
-    """`problem` as one device sees it under the mesh in force: the batch split over the mesh's data axes."""
+    """`problem` as one device sees it under the mesh in force (`meshes.per_device`)."""
     from flashpatch.backends import meshes
 
-    mesh = meshes.active_mesh()
-    if mesh is None:
-        return problem
-    split = 1
-    for axis in meshes.batch_axes(mesh):
-        split *= mesh.shape[axis]
-    if split <= 1 or problem.batch % split:
-        return problem
-    return dataclasses.replace(problem, batch=problem.batch // split)
+    return meshes.per_device(problem)
 
 
 @dataclasses.dataclass(frozen=True)

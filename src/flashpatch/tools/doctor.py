@@ -9,29 +9,14 @@ import platform
 import sys
 from typing import TYPE_CHECKING
 
-from flashpatch import backends
+from flashpatch import backends, versions
 from flashpatch.tools import args as cli_args
 
 if TYPE_CHECKING:
     from flashpatch.switch.settings import Settings
 
 #: What flashpatch runs on or can use (kvax and its Triton stack: the kvax backend).
-PACKAGES = (
-    "flashpatch",
-    "jax",
-    "jaxlib",
-    "jax-cuda12-plugin",
-    "jax-cuda13-plugin",
-    "flax",
-    "wrapt",
-    "numpy",
-    "dew-flash-attn-cu12",
-    "dew-flash-attn-cu13",
-    "flash-attn-jax",
-    "kvax",
-    "jax-triton",
-    "triton",
-)
+PACKAGES = ("flashpatch", "flax", "wrapt", "numpy", *versions.KERNEL_STACK)
 DTYPES = ("bfloat16", "float16", "float32")
 
 
