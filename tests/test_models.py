@@ -36,8 +36,7 @@ from helpers import TOL, CountingXla, assert_finite, fast_jit, rel_err
 
 import flashpatch
 from flashpatch.backends.xla import XlaBackend
-from flashpatch.core import attention as core
-from flashpatch.core import verify
+from flashpatch.core import run, verify
 from flashpatch.testing import gemma, gemma_fast, layouts
 from flashpatch.testing.lora import LoRAConfig
 
@@ -476,7 +475,7 @@ def test_fully_masked_rows_matter_downstream(monkeypatch) -> None:
     def zeros(v, probs_dtype, num_heads):
         return jnp.zeros((v.shape[0], 1, num_heads, v.shape[3]), jnp.result_type(probs_dtype, v.dtype))
 
-    monkeypatch.setattr(core, "empty_row_value", zeros)
+    monkeypatch.setattr(run, "empty_row_value", zeros)
     got = evaluate(fresh_program("fast_decode", "float32"), "fast_decode", "xla")
     want = results("fast_decode", "float32", None)
     hole = rel_err(got["masked_image"]["out"]["decode"], want["masked_image"]["out"]["decode"])

@@ -28,7 +28,7 @@ import common
 import flashpatch
 from flashpatch.backends import masks
 from flashpatch.backends.flash import segments as sg
-from flashpatch.core.attention import empty_row_value
+from flashpatch.core.run import empty_row_value
 from flashpatch.testing import layouts
 from flashpatch.testing.conformance import float32_reference
 

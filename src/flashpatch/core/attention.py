@@ -14,7 +14,6 @@ from flashpatch.backends.base import Problem
 from flashpatch.backends.reference import reference_attention
 from flashpatch.core import guard, run, selection
 from flashpatch.core import verify as verify_mode
-from flashpatch.core.run import empty_row_value  # noqa: F401 - part of this module's face (bench, lab)
 
 
 def check_inputs(q: jax.Array, k: jax.Array, v: jax.Array, attn_mask: jax.Array) -> None:
