@@ -121,3 +121,16 @@ def test_the_record_holds_the_checks_read_from_the_wheels() -> None:
         fa2 = release.libraries[0]
         assert fa2.device_check == "is_sm90 || is_sm8x || is_sm1xx"
         assert fa2.wide_backward_check == "is_sm80 || is_sm90 || is_sm1xx"
+
+
+def test_a_provider_that_does_not_import_on_a_real_gpu_is_refused_with_why(monkeypatch) -> None:
+    """Past its gates, a provider on a real machine must still import; where it does not, the next one is asked and
+    the reason names the import's failure."""
+    from flashpatch.backends.flash import kernel
+
+    monkeypatch.setattr(kernel, "limits", lambda gpu, head_dim: None)  # its gates pass
+    monkeypatch.setattr(kernel, "load", lambda: "dew-flash-attn is installed but its kernel library failed to load")
+    monkeypatch.setattr(machine, "is_simulated", lambda: False)
+    choice = providers.choose(machine.KNOWN["H200"], 256)
+    assert choice.provider is None, choice
+    assert ("dew-flash-attn", "dew-flash-attn is installed but its kernel library failed to load") in choice.refusals

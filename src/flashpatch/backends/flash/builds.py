@@ -106,8 +106,20 @@ class Release:
     requires_jax: str  # the wheel's Requires-Dist on jax, e.g. ">=0.11.2"
     libraries: tuple[Library, ...]
 
+    @property
+    def who(self) -> str:
+        """How messages name it: the library and its version."""
+        return f"{self.distribution.removesuffix('-cu12').removesuffix('-cu13')} {self.version}"
+
     def library(self, name: str) -> Library | None:
         return next((lib for lib in self.libraries if lib.name.startswith(name)), None)
+
+    def jax_refusal(self, jax_version) -> str | None:
+        """Why the installed JAX is outside the wheel's Requires-Dist (pip enforces it at install; a JAX changed
+        later is not), or None."""
+        if self.requires_jax and jax_version and not versions.satisfies(jax_version, self.requires_jax):
+            return f"{self.who} needs jax{self.requires_jax}; JAX here is {jax_version}"
+        return None
 
 
 def admits(check: str | None, capability: tuple[int, int]) -> bool:

@@ -51,10 +51,10 @@ def limits(gpu: machine.Gpu, head_dim: int) -> str | None:
         return f'flash-attn-jax is not installed (pip install "{EXTRA}")'
     if isinstance(release, str):
         return release
-    who = f"flash-attn-jax {release.version}"
-    # Its wheel's Requires-Dist (jax<0.9.0,>=0.5.0 for 0.6.2).
-    if release.requires_jax and jax_version and not versions.satisfies(jax_version, release.requires_jax):
-        return f"{who} needs jax{release.requires_jax}; JAX here is {jax_version}"
+    who = release.who
+    reason = release.jax_refusal(jax_version)  # its Requires-Dist: jax<0.9.0,>=0.5.0 for 0.6.2
+    if reason is not None:
+        return reason
     library = release.libraries[0] if release.libraries else None
     if library is None:
         return f"{who} holds no kernel library"
@@ -72,10 +72,6 @@ def limits(gpu: machine.Gpu, head_dim: int) -> str | None:
     reason = library.refuses(gpu.capability, head_dim, who)
     if reason is not None:
         return reason
-    if not machine.is_simulated():
-        module = load()
-        if isinstance(module, str):
-            return module
     return None
 
 

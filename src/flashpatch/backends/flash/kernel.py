@@ -77,10 +77,10 @@ def limits(gpu: machine.Gpu, head_dim: int) -> str | None:
     release = builds.installed(WHEELS[dew_major])
     if not isinstance(release, builds.Release):
         return release or f"dew-flash-attn is not installed ({install_hint(jax_major)})"
-    who = f"dew-flash-attn {release.version}"
-    # Its wheel's Requires-Dist (pip enforces it at install; a JAX changed later is not).
-    if release.requires_jax and jax_version and not versions.satisfies(jax_version, release.requires_jax):
-        return f"{who} needs jax{release.requires_jax}; JAX here is {jax_version}"
+    who = release.who
+    reason = release.jax_refusal(jax_version)
+    if reason is not None:
+        return reason
     # dew_flash_attn._hopper(): FlashAttention-3 where the FA3 library's build holds the GPU's code (sm90 alone);
     # it takes head dims up to 256, forward and backward. Elsewhere FlashAttention-2, with FA2's own checks.
     fa3, fa2 = release.library(_FA3), release.library(_FA2)
@@ -90,10 +90,6 @@ def limits(gpu: machine.Gpu, head_dim: int) -> str | None:
         reason = fa2.refuses(gpu.capability, head_dim, who)
         if reason is not None:
             return reason
-    if not machine.is_simulated():
-        module = load()
-        if isinstance(module, str):
-            return module
     return None
 
 

@@ -14,7 +14,8 @@ from types import ModuleType
 from flashpatch.backends import machine
 from flashpatch.backends.flash import flash_attn_jax, kernel
 
-#: In the order they are tried. Each module has NAME, limits(gpu, head_dim) and varlen.
+#: In the order they are tried. Each module has NAME, limits(gpu, head_dim) (what its build and versions allow),
+#: load() (the module, or why it does not import) and varlen.
 PROVIDERS: tuple[ModuleType, ...] = (kernel, flash_attn_jax)
 
 
@@ -48,6 +49,9 @@ def choose(gpu: machine.Gpu | None, head_dim: int) -> Choice:
     refusals = []
     for provider in PROVIDERS:
         reason = provider.limits(gpu, head_dim)
+        if reason is None and not machine.is_simulated():  # a simulated provider is not on disk to import
+            module = provider.load()
+            reason = module if isinstance(module, str) else None
         if reason is None:
             return Choice(provider, tuple(refusals))
         refusals.append((provider.NAME, reason))
