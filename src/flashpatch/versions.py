@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib.metadata
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
@@ -49,17 +50,31 @@ def installed(distribution: str, lookup: Lookup | None = None) -> Version | None
     """The installed version of `distribution` (its PyPI name, e.g. 'jax-triton'), or None.
 
     `lookup` maps a name to a version string and raises PackageNotFoundError for a missing one
-    (default: importlib.metadata.version, or what `simulated` says); tests pass fake ones.
+    (default: the installed metadata, read once per process, or what `simulated` says); tests pass fake ones.
     """
     pretend = _simulated.get() or {}
     if lookup is None and distribution.lower() in pretend:
         value = pretend[distribution.lower()]
         return None if value is None else parse(value)
+    if lookup is None:
+        text = _metadata_version(distribution)
+        return None if text is None else parse(text)
     try:
-        text = (lookup or importlib.metadata.version)(distribution)
+        text = lookup(distribution)
     except importlib.metadata.PackageNotFoundError:
         return None
     return parse(text)
+
+
+@functools.cache
+def _metadata_version(distribution: str) -> str | None:
+    """The installed metadata's version of `distribution`, read once: the gates, the compile guard's keys and the
+    tune table's identity ask on every traced attention call, and what is installed does not change under a
+    running process (a package installed meanwhile is seen by the next one)."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def satisfies(version: Version | str, spec: str) -> bool:
