@@ -54,7 +54,7 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import environment, log, medians_in_rounds
 
 import flashpatch
-from flashpatch.backends import masks
+from flashpatch.backends import machine, masks
 from flashpatch.backends.pallas import kernel, tiling
 from flashpatch.backends.reference import reference_attention
 from flashpatch.testing import layouts
@@ -362,7 +362,8 @@ def main() -> None:
     start = time.monotonic()
     deadline = start + args.budget
     interpret = args.smoke or jax.default_backend() != "gpu"
-    cc = None if interpret else tiling.device_capability()
+    gpu = None if interpret else machine.gpu()
+    cc = None if gpu is None else f"{gpu.capability[0]}.{gpu.capability[1]}"
     known = {
         c.name: c for c in (*tiling.SM100, *tiling.SM90, *tiling.SM80, *tiling.SM86, tiling.SMALLEST, tiling.INTERPRET)
     }

@@ -221,11 +221,3 @@ def for_gpu(gpu: machine.Gpu | None, head_dim: int, dtype) -> Config | None:
         return fitting_config("8.0", head_dim, dtype, machine.UNKNOWN_SHARED_MEMORY)
     major, minor = gpu.capability
     return fitting_config(f"{major}.{minor}", head_dim, dtype, gpu.shared_memory)
-
-
-def device_capability(device=None) -> str | None:
-    """'9.0' for a CUDA device (the default device if None), None for anything else."""
-    import jax
-
-    device = device or jax.devices()[0]
-    return getattr(device, "compute_capability", None) if device.platform == "gpu" else None
