@@ -44,10 +44,6 @@ EINSUM_MEMORY_SHARE = 0.5
 _BENCH = "docs/benchmarks.md"
 
 
-def pairs(p: Problem) -> int:
-    return p.pairs
-
-
 @dataclasses.dataclass(frozen=True)
 class Choice:
     backend: str
